@@ -1,0 +1,6 @@
+"""Triton-accelerated GaLore optimizers: low-rank projected Adam with 8-bit state for LLM training."""
+
+from .optim import GaLoreAdamW, GaLoreAdamW8bit
+
+__all__ = ["GaLoreAdamW", "GaLoreAdamW8bit"]
+__version__ = "0.1.0"

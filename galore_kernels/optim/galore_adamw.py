@@ -1,0 +1,246 @@
+"""GaLoreAdamW and GaLoreAdamW8bit: argument checks, param groups, lazy state; the math is in functional."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any
+
+import torch
+
+from .. import functional
+from ..reference import AdamHyper, GaLoreConfig
+from ..state import init_state, is_galore
+from .param_groups import NONFINITE_MODES, check_group, check_hyper
+
+__all__ = ["GaLoreAdamW", "GaLoreAdamW8bit"]
+
+ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+
+
+class _GaLoreAdamBase(torch.optim.Optimizer):
+    """Shared machinery; subclasses fix the defaults and whether moments are 8-bit."""
+
+    def __init__(
+        self,
+        params: ParamsT,
+        *,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        backend: str,
+        nonfinite: str,
+        seed: int,
+        min_8bit_size: int | None,
+    ) -> None:
+        check_hyper(lr, betas, eps, weight_decay)
+        functional.resolve_backend(backend)
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        self.backend = backend
+        self.nonfinite = nonfinite
+        self.seed = seed
+        self.min_8bit_size = min_8bit_size
+        self._warned_nonfinite = False
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        try:
+            check_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def _init_missing_state(self, work: list[tuple[dict[str, Any], torch.Tensor]]) -> None:
+        missing = [(group, p) for group, p in work if not self.state[p]]
+        if not missing:
+            return
+        # A parameter's sketch seed comes from its position over all groups: stable across reruns and
+        # checkpoint resumes, and distinct between parameters.
+        position = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in self.param_groups))}
+        for group, p in missing:
+            param_seed = (self.seed * 0x9E3779B1 + position[id(p)]) & 0xFFFFFFFF
+            self.state[p].update(init_state(p, group, param_seed=param_seed, min_8bit_size=self.min_8bit_size))
+
+    def _finite_flags(self, grads: list[torch.Tensor]) -> list[bool]:
+        """Whether each gradient is all-finite, with one host sync for the whole step."""
+        if not grads:
+            return []
+        device = grads[0].device
+        return torch.stack([torch.isfinite(g).all().to(device) for g in grads]).tolist()
+
+    def _skip_nonfinite(self, param: torch.Tensor, state: dict[str, Any]) -> None:
+        if self.nonfinite == "raise":
+            raise RuntimeError(
+                f"gradient of a parameter of shape {tuple(param.shape)} holds NaN or Inf "
+                "(nonfinite='raise'); pass nonfinite='skip' to skip such steps instead"
+            )
+        state["nonfinite_skips"] += 1
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(
+                "a gradient held NaN or Inf: that parameter's step was skipped and counted in its state "
+                "as 'nonfinite_skips' (warned once per optimizer)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        for _, p in work:
+            _check_grad(p)
+        finite = self._finite_flags([p.grad for _, p in work])
+        self._init_missing_state(work)
+        for (group, p), grad_is_finite in zip(work, finite):
+            state = self.state[p]
+            if not grad_is_finite:
+                self._skip_nonfinite(p, state)
+                continue
+            beta1, beta2 = group["betas"]
+            hyper = AdamHyper(float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"])
+            if is_galore(p, group):
+                functional.galore_adamw_step(p, p.grad, state, hyper, _galore_config(group), backend=self.backend)
+            else:
+                functional.adamw_step(p, p.grad, state, hyper, backend=self.backend)
+        return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict, keeping every state tensor's dtype (only its device follows the parameter).
+
+        ``torch.optim.Optimizer`` casts floating-point state to the parameter's dtype, which would turn
+        fp32 moments and absmax of a bf16 parameter into bf16; this restores them exactly.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        param_of_id = dict(zip(saved_ids, params))
+        for param_id, saved in state_dict["state"].items():
+            param = param_of_id[param_id]
+            self.state[param] = {
+                key: value.to(device=param.device, copy=True) if isinstance(value, torch.Tensor) else value
+                for key, value in saved.items()
+            }
+
+
+def _check_grad(param: torch.Tensor) -> None:
+    grad = param.grad
+    if grad.is_sparse:
+        raise RuntimeError("GaLore optimizers do not support sparse gradients; use dense gradients")
+    if grad.is_complex() or param.is_complex():
+        raise RuntimeError(
+            f"GaLore optimizers support real floating-point parameters only, got {param.dtype} "
+            f"parameter with {grad.dtype} gradient"
+        )
+    if grad.shape != param.shape:
+        raise RuntimeError(f"gradient shape {tuple(grad.shape)} does not match parameter {tuple(param.shape)}")
+
+
+def _galore_config(group: dict[str, Any]) -> GaLoreConfig:
+    return GaLoreConfig(
+        rank=group["rank"],
+        update_proj_gap=group["update_proj_gap"],
+        scale=float(group["scale"]),
+        proj_type=group["proj_type"],
+        svd=group["svd"],
+        oversample=group["svd_oversample"],
+        power_iters=group["svd_power_iters"],
+    )
+
+
+class GaLoreAdamW(_GaLoreAdamBase):
+    """AdamW whose moments for GaLore parameters live in a rank-r subspace (fp32 moments).
+
+    Param groups take galore-torch's keys: a group with ``rank`` (and optionally ``update_proj_gap``=200,
+    ``scale``=0.25, ``proj_type``="std", plus ``svd``="randomized"|"exact", ``svd_oversample``=8,
+    ``svd_power_iters``=2) projects its ≥2-D parameters; other groups and 1-D parameters get AdamW.
+
+    Example::
+
+        galore = [p for n, p in model.named_parameters() if p.dim() == 2 and ("attn" in n or "mlp" in n)]
+        rest = [p for p in model.parameters() if all(p is not q for q in galore)]
+        optimizer = GaLoreAdamW(
+            [{"params": rest}, {"params": galore, "rank": 128, "update_proj_gap": 200, "scale": 0.25}],
+            lr=1e-3,
+        )
+        loss.backward(); optimizer.step(); optimizer.zero_grad()
+
+    A gradient holding NaN or Inf skips that parameter's step (weights, moments and projector untouched),
+    counts it in ``state[p]["nonfinite_skips"]`` and warns once; ``nonfinite="raise"`` raises instead.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        backend: str = "auto",
+        nonfinite: str = "skip",
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            backend=backend,
+            nonfinite=nonfinite,
+            seed=seed,
+            min_8bit_size=None,
+        )
+
+
+class GaLoreAdamW8bit(_GaLoreAdamBase):
+    """GaLoreAdamW with blockwise 8-bit moments (bitsandbytes' dynamic format, 256-element blocks).
+
+    Moments with fewer than ``min_8bit_size`` elements stay fp32. Param groups as :class:`GaLoreAdamW`.
+
+    Example::
+
+        optimizer = GaLoreAdamW8bit(
+            [{"params": rest}, {"params": galore, "rank": 128, "update_proj_gap": 200, "scale": 0.25}],
+            lr=1e-3,
+        )
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        backend: str = "auto",
+        nonfinite: str = "skip",
+        seed: int = 0,
+        min_8bit_size: int = 4096,
+    ) -> None:
+        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
+        super().__init__(
+            params,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            backend=backend,
+            nonfinite=nonfinite,
+            seed=seed,
+            min_8bit_size=min_8bit_size,
+        )

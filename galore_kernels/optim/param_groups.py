@@ -1,0 +1,71 @@
+"""Argument checks and GaLore defaults for optimizer arguments and param groups (DESIGN §8).
+
+Every check raises ``ValueError`` naming the argument, the value given and what is allowed, before any
+state exists, so bad input never reaches weights or optimizer state.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Any
+
+from ..projector import PROJ_TYPES, SVD_METHODS
+
+__all__ = ["GALORE_DEFAULTS", "NONFINITE_MODES", "check_hyper", "check_group"]
+
+# galore-torch's keys and defaults, plus the refresh method and its two knobs.
+GALORE_DEFAULTS: dict[str, Any] = {
+    "update_proj_gap": 200,
+    "scale": 0.25,
+    "proj_type": "std",
+    "svd": "randomized",
+    "svd_oversample": 8,
+    "svd_power_iters": 2,
+}
+NONFINITE_MODES = ("skip", "raise")
+
+
+def _real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{name} must be a finite real number, got {value!r}")
+    return float(value)
+
+
+def _int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
+    """Check the AdamW hyper-parameters shared by every group."""
+    if _real("lr", lr) < 0.0:
+        raise ValueError(f"lr must be >= 0, got {lr!r}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), each in [0, 1), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= _real(f"betas[{i}]", beta) < 1.0:
+            raise ValueError(f"betas[{i}] must be in [0, 1), got {beta!r}")
+    if _real("eps", eps) < 0.0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    if _real("weight_decay", weight_decay) < 0.0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+
+
+def check_group(group: dict[str, Any]) -> None:
+    """Fill GaLore defaults into a group that has ``rank`` and check every value; plain groups are AdamW."""
+    check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
+    if "rank" not in group:
+        return
+    for key, default in GALORE_DEFAULTS.items():
+        group.setdefault(key, default)
+    _int("rank", group["rank"], 1)
+    _int("update_proj_gap", group["update_proj_gap"], 1)
+    if _real("scale", group["scale"]) <= 0.0:
+        raise ValueError(f"scale must be > 0, got {group['scale']!r}")
+    if group["proj_type"] not in PROJ_TYPES:
+        raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {group['proj_type']!r}")
+    if group["svd"] not in SVD_METHODS:
+        raise ValueError(f"svd must be one of {SVD_METHODS}, got {group['svd']!r}")
+    _int("svd_oversample", group["svd_oversample"], 0)
+    _int("svd_power_iters", group["svd_power_iters"], 0)

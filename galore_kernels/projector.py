@@ -1,0 +1,157 @@
+"""Projector side, rank and refresh schedule, and the two ways to compute the projector (DESIGN §3).
+
+Everything here works on tensors: the canonical projector is B (r × d) with orthonormal rows, applied
+as S = B · G' where G' = G for the left side and Gᵀ for the right side.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import rng
+
+__all__ = [
+    "PROJ_TYPES",
+    "SVD_METHODS",
+    "resolve_side",
+    "effective_rank",
+    "is_refresh_step",
+    "oriented",
+    "compute_projector",
+    "compute_full_projectors",
+]
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+SVD_METHODS = ("randomized", "exact")
+SIDES = ("left", "right")
+
+
+def resolve_side(proj_type: str, shape: tuple[int, int]) -> str:
+    """The side a 2-D gradient of ``shape`` is projected on: "left", "right" or "full".
+
+    "std" projects the smaller dimension (m ≥ n → right), "reverse_std" the larger one.
+
+    >>> resolve_side("std", (4096, 11008)), resolve_side("reverse_std", (4096, 11008))
+    ('left', 'right')
+    """
+    m, n = shape
+    if proj_type == "std":
+        return "right" if m >= n else "left"
+    if proj_type == "reverse_std":
+        return "left" if m >= n else "right"
+    if proj_type in ("left", "right", "full"):
+        return proj_type
+    raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
+
+
+def effective_rank(rank: int, shape: tuple[int, int]) -> int:
+    """The rank actually used: ``min(rank, m, n)``."""
+    return min(int(rank), *shape)
+
+
+def is_refresh_step(step: int, update_proj_gap: int) -> bool:
+    """Whether the projector is recomputed before projecting the gradient of step ``step`` (0-based)."""
+    return step % update_proj_gap == 0
+
+
+def oriented(matrix: torch.Tensor, side: str) -> torch.Tensor:
+    """G' of DESIGN §3: the matrix itself for the left side, its transpose (a view) for the right."""
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    return matrix if side == "left" else matrix.T
+
+
+def _orthonormal_columns(y: torch.Tensor) -> torch.Tensor:
+    # Householder QR returns orthonormal columns even for zero or rank-deficient input (a zero column
+    # gets a unit reflector), which is what keeps B free of NaN when the gradient vanishes.
+    return torch.linalg.qr(y, mode="reduced").Q
+
+
+def _randomized_range(
+    g: torch.Tensor, rank: int, *, seed: int, oversample: int, power_iters: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Approximate top singular vectors of g (d × k, fp32): returns (U_r (d × r), Vh_r (r × k))."""
+    d, k = g.shape
+    width = min(rank + oversample, d, k)
+    offsets = torch.arange(k * width, device=g.device, dtype=torch.int64)
+    omega = rng.randn(seed, offsets).reshape(k, width)
+    q = _orthonormal_columns(g @ omega)
+    previous = None
+    for _ in range(power_iters):
+        previous = q
+        z = _orthonormal_columns(g.T @ q)
+        q = _orthonormal_columns(g @ z)
+    if previous is not None:
+        # Keep the last two iterates (a two-block Krylov space) instead of the last one: on the slowly
+        # decaying spectrum of the tests (1024×2816, σ_i ∝ i^-0.5, r = 128, p = 8, q = 2) the captured
+        # top-r energy rises from 0.990 to 0.997 for one extra QR and a 2×-wide final SVD.
+        q = _orthonormal_columns(torch.cat([previous, q], dim=1))
+    small_u, _, small_vh = torch.linalg.svd(q.T @ g, full_matrices=False)
+    return q @ small_u[:, :rank], small_vh[:rank]
+
+
+def compute_projector(
+    grad_2d: torch.Tensor,
+    rank: int,
+    side: str,
+    *,
+    method: str = "randomized",
+    seed: int = 0,
+    oversample: int = 8,
+    power_iters: int = 2,
+) -> torch.Tensor:
+    """The canonical projector B (r × d, fp32, orthonormal rows) of a 2-D gradient, r = min(rank, m, n).
+
+    ``method="exact"`` takes the top singular vectors from ``torch.linalg.svd`` of the gradient itself, as
+    galore-torch does (Uᵀ rows for left, Vh rows for right), so signs match it. ``method="randomized"``
+    sketches G' with a Gaussian Ω of width r + ``oversample`` drawn from ``seed`` (see :mod:`.rng`), runs
+    ``power_iters`` subspace iterations re-orthonormalizing after every multiply, joins the last two
+    iterates into one basis Q, and keeps the top r left singular vectors of Qᵀ·G', mapped back by Q.
+    All arithmetic is fp32.
+
+    >>> g = torch.randn(64, 32)
+    >>> b = compute_projector(g, 8, "right", seed=3)
+    >>> b.shape, bool(torch.allclose(b @ b.T, torch.eye(8), atol=1e-5))
+    (torch.Size([8, 32]), True)
+    """
+    if grad_2d.dim() != 2:
+        raise ValueError(f"expected a 2-D gradient, got shape {tuple(grad_2d.shape)}")
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    r = effective_rank(rank, tuple(grad_2d.shape))
+    g = grad_2d.float()
+    if method == "exact":
+        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+        return (u[:, :r].T if side == "left" else vh[:r]).contiguous()
+    if method == "randomized":
+        u_r, _ = _randomized_range(
+            oriented(g, side), r, seed=seed, oversample=oversample, power_iters=power_iters
+        )
+        return u_r.T.contiguous()
+    raise ValueError(f"method must be one of {SVD_METHODS}, got {method!r}")
+
+
+def compute_full_projectors(
+    grad_2d: torch.Tensor,
+    rank: int,
+    *,
+    method: str = "randomized",
+    seed: int = 0,
+    oversample: int = 8,
+    power_iters: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both projectors of ``proj_type="full"``: (B_left (r × m), B_right (r × n)), S = B_left·G·B_rightᵀ.
+
+    Both come from one (exact or randomized) SVD of G, so they are consistent with each other.
+    """
+    if grad_2d.dim() != 2:
+        raise ValueError(f"expected a 2-D gradient, got shape {tuple(grad_2d.shape)}")
+    r = effective_rank(rank, tuple(grad_2d.shape))
+    g = grad_2d.float()
+    if method == "exact":
+        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+        return u[:, :r].T.contiguous(), vh[:r].contiguous()
+    if method == "randomized":
+        u_r, vh_r = _randomized_range(g, r, seed=seed, oversample=oversample, power_iters=power_iters)
+        return u_r.T.contiguous(), vh_r.contiguous()
+    raise ValueError(f"method must be one of {SVD_METHODS}, got {method!r}")

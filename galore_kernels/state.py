@@ -1,0 +1,102 @@
+"""The optimizer-state layout: which parameters are projected, and the tensors each one keeps.
+
+Per-parameter state holds tensors and plain numbers only, so ``torch.load(weights_only=True)`` reloads it:
+
+==================  ===========================================================================
+``step``            int, completed steps t (drives the refresh schedule and bias correction)
+``nonfinite_skips`` int, steps skipped because the gradient held NaN or Inf
+``seed``            int, the parameter's sketch seed (GaLore parameters)
+``projector``       B (r × d): parameter dtype for 16-bit parameters, fp32 otherwise
+``projector_right`` the right projector (r × n) of ``proj_type="full"``
+``exp_avg``         first moment: fp32, or uint8 codes when ``exp_avg_absmax`` is present
+``exp_avg_sq``      second moment: fp32, or uint8 codes when ``exp_avg_sq_absmax`` is present
+==================  ===========================================================================
+
+GaLore moments have shape (r, k); plain AdamW moments have the parameter's shape in fp32 and the flat
+row (1, numel) when quantized, which is bitsandbytes' blockwise layout. 8-bit codes use the row-block
+format of :mod:`galore_kernels.quant`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .projector import effective_rank, resolve_side
+from .quant import BLOCK_SIZE
+
+__all__ = ["is_galore", "matrix_shape", "init_state", "is_quantized"]
+
+_SIXTEEN_BIT = (torch.float16, torch.bfloat16)
+
+
+def is_galore(param: torch.Tensor, group: dict[str, Any]) -> bool:
+    """Whether ``param`` is projected: its group has a ``rank`` and it is a non-empty tensor of ≥ 2 dims."""
+    return "rank" in group and param.dim() >= 2 and param.numel() > 0
+
+
+def matrix_shape(param: torch.Tensor) -> tuple[int, int]:
+    """The 2-D shape a GaLore parameter is treated as: (shape[0], product of the rest)."""
+    return param.shape[0], param.numel() // param.shape[0]
+
+
+def projector_dtype(param: torch.Tensor) -> torch.dtype:
+    return param.dtype if param.dtype in _SIXTEEN_BIT else torch.float32
+
+
+def is_quantized(state: dict[str, Any]) -> bool:
+    return "exp_avg_absmax" in state
+
+
+def _moments(shape: tuple[int, ...], device: torch.device, quantize: bool) -> dict[str, torch.Tensor]:
+    if not quantize:
+        return {
+            "exp_avg": torch.zeros(shape, dtype=torch.float32, device=device),
+            "exp_avg_sq": torch.zeros(shape, dtype=torch.float32, device=device),
+        }
+    rows, k = shape
+    absmax_shape = (rows, -(-k // BLOCK_SIZE))
+    # A block with absmax 0 dequantizes to zero whatever its codes, so zero-filled codes are zero moments.
+    return {
+        "exp_avg": torch.zeros(shape, dtype=torch.uint8, device=device),
+        "exp_avg_absmax": torch.zeros(absmax_shape, dtype=torch.float32, device=device),
+        "exp_avg_sq": torch.zeros(shape, dtype=torch.uint8, device=device),
+        "exp_avg_sq_absmax": torch.zeros(absmax_shape, dtype=torch.float32, device=device),
+    }
+
+
+def init_state(
+    param: torch.Tensor, group: dict[str, Any], *, param_seed: int, min_8bit_size: int | None
+) -> dict[str, Any]:
+    """Fresh state for ``param`` in ``group``; ``min_8bit_size=None`` keeps every moment in fp32.
+
+    Moments are quantized when they have at least ``min_8bit_size`` elements (and at least one).
+    """
+    device = param.device
+    state: dict[str, Any] = {"step": 0, "nonfinite_skips": 0}
+
+    def quantize(numel: int) -> bool:
+        return min_8bit_size is not None and numel >= max(min_8bit_size, 1)
+
+    if not is_galore(param, group):
+        numel = param.numel()
+        shape = (1, numel) if quantize(numel) else tuple(param.shape)
+        state.update(_moments(shape, device, quantize(numel)))
+        return state
+
+    m, n = matrix_shape(param)
+    side = resolve_side(group["proj_type"], (m, n))
+    r = effective_rank(group["rank"], (m, n))
+    dtype = projector_dtype(param)
+    state["seed"] = int(param_seed)
+    if side == "full":
+        state["projector"] = torch.zeros((r, m), dtype=dtype, device=device)
+        state["projector_right"] = torch.zeros((r, n), dtype=dtype, device=device)
+        moment_shape = (r, r)
+    else:
+        d, k = (m, n) if side == "left" else (n, m)
+        state["projector"] = torch.zeros((r, d), dtype=dtype, device=device)
+        moment_shape = (r, k)
+    state.update(_moments(moment_shape, device, quantize(moment_shape[0] * moment_shape[1])))
+    return state
