@@ -92,7 +92,9 @@ def quantize_blockwise(
     absmax = blocks.abs().amax(dim=-1)
     # An all-zero block scales by 1 instead of 1/0: its values are zero either way.
     inv_scale = torch.where(absmax > 0, 1.0 / absmax, torch.ones_like(absmax))
-    normalized = (blocks * inv_scale.unsqueeze(-1)).reshape(rows, -1)[:, :k]
+    normalized = (blocks * inv_scale.unsqueeze(-1)).reshape(rows, -1)
+    if normalized.shape[1] != k:
+        normalized = normalized[:, :k].contiguous()
     # bucketize(right=False) counts midpoints strictly below the value: the nearest entry, ties low.
     codes = torch.bucketize(normalized, _midpoints_cpu(bool(signed)).to(x.device), right=False)
     return codes.to(torch.uint8), absmax
