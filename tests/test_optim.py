@@ -1,0 +1,402 @@
+"""GaLoreAdamW / GaLoreAdamW8bit: arguments, edge cases, checkpoints, AMP and schedulers."""
+
+import io
+import warnings
+
+import pytest
+import torch
+
+from galore_kernels import GaLoreAdamW, GaLoreAdamW8bit
+
+OPTIMIZERS = [
+    pytest.param(GaLoreAdamW, {}, id="fp32"),
+    pytest.param(GaLoreAdamW8bit, {"min_8bit_size": 64}, id="8bit"),
+]
+
+
+def _zoo(dtype=torch.float32, seed=0, device="cpu"):
+    """Parameters covering the edge cases, and the param groups galore-torch users write."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def param(*shape):
+        return torch.nn.Parameter(torch.randn(*shape, generator=gen).to(device=device, dtype=dtype))
+
+    params = {
+        "wide": param(24, 40),  # std → left
+        "tall": param(40, 24),  # std → right
+        "conv": param(6, 4, 10),  # 3-D in a GaLore group: treated as 6 × 40
+        "bias": param(40),  # 1-D in a GaLore group: plain AdamW
+        "empty": param(0, 8),  # zero-size
+        "tiny": param(3, 5),  # rank 50 > min(m, n)
+        "full": param(12, 20),
+        "plain": param(16, 16),  # group without rank
+    }
+    groups = [
+        {"params": [params["plain"]]},
+        {
+            "params": [params[k] for k in ("wide", "tall", "conv", "bias", "empty")],
+            "rank": 8,
+            "update_proj_gap": 3,
+            "scale": 0.5,
+            "proj_type": "std",
+        },
+        {"params": [params["tiny"]], "rank": 50, "update_proj_gap": 4, "proj_type": "reverse_std"},
+        {"params": [params["full"]], "rank": 4, "update_proj_gap": 5, "proj_type": "full", "svd": "exact"},
+    ]
+    return params, groups
+
+
+def _grads(params, step, seed=100):
+    """Fresh gradients for a step; one is non-contiguous and one is missing every third step."""
+    gen = torch.Generator().manual_seed(seed + step)
+    grads = {}
+    for name, p in params.items():
+        if name == "tall":
+            grads[name] = torch.randn(p.shape[::-1], generator=gen).T.to(p.device, p.dtype)  # non-contiguous
+        else:
+            grads[name] = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
+    if step % 3 == 2:
+        grads["plain"] = None
+    return grads
+
+
+def _run(opt, params, steps, start=0):
+    for step in range(start, start + steps):
+        for name, g in _grads(params, step).items():
+            params[name].grad = g
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def _save_load(state_dict):
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def _assert_same_state(opt_a, opt_b):
+    state_a, state_b = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
+    assert state_a.keys() == state_b.keys()
+    for key in state_a:
+        assert state_a[key].keys() == state_b[key].keys()
+        for name, value in state_a[key].items():
+            other = state_b[key][name]
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == other.dtype and torch.equal(value, other), (key, name)
+            else:
+                assert value == other, (key, name)
+
+
+@pytest.mark.parametrize("cls, kwargs", OPTIMIZERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_checkpoint_resume_is_bit_identical(cls, kwargs, dtype):
+    params_a, groups_a = _zoo(dtype)
+    opt_a = cls(groups_a, lr=1e-2, weight_decay=0.01, **kwargs)
+    _run(opt_a, params_a, 9)
+
+    params_b, groups_b = _zoo(dtype)
+    opt_b = cls(groups_b, lr=1e-2, weight_decay=0.01, **kwargs)
+    _run(opt_b, params_b, 4)
+    checkpoint = _save_load({"model": {k: p.detach() for k, p in params_b.items()}, "optim": opt_b.state_dict()})
+
+    params_c, groups_c = _zoo(dtype, seed=1)  # different initial values: everything comes from the checkpoint
+    with torch.no_grad():
+        for name, p in params_c.items():
+            p.copy_(checkpoint["model"][name])
+    opt_c = cls(groups_c, lr=1e-2, weight_decay=0.01, **kwargs)
+    opt_c.load_state_dict(checkpoint["optim"])
+    _run(opt_c, params_c, 5, start=4)
+
+    for name in params_a:
+        assert torch.equal(params_a[name], params_c[name]), name
+        assert params_c[name].dtype == dtype
+    _assert_same_state(opt_a, opt_c)
+
+
+@pytest.mark.parametrize("cls, kwargs", OPTIMIZERS)
+def test_state_layout_and_edge_cases(cls, kwargs):
+    params, groups = _zoo()
+    initial = {k: p.detach().clone() for k, p in params.items()}
+    opt = cls(groups, lr=1e-2, **kwargs)
+    _run(opt, params, 4)
+    st = opt.state
+    assert st[params["wide"]]["projector"].shape == (8, 24)  # left: B is r × m
+    assert st[params["wide"]]["exp_avg"].shape == (8, 40)
+    assert st[params["tall"]]["projector"].shape == (8, 24)  # right: B is r × n
+    assert st[params["tall"]]["exp_avg"].shape == (8, 40)
+    assert st[params["conv"]]["projector"].shape == (6, 6)  # 6 × 40 → left, rank clamped to 6
+    assert "projector" not in st[params["bias"]] and "projector" not in st[params["plain"]]
+    assert st[params["tiny"]]["projector"].shape == (3, 5)  # reverse_std of 3 × 5: right, rank clamped to 3
+    assert st[params["full"]]["projector_right"].shape == (4, 20) and st[params["full"]]["exp_avg"].shape[0] == 4
+    assert st[params["empty"]]["step"] == 4 and params["empty"].shape == (0, 8)
+    assert st[params["plain"]]["step"] == 3  # its gradient was None on step 2
+    for name, p in params.items():
+        assert torch.isfinite(p).all(), name
+        if p.numel():
+            assert not torch.equal(p.detach(), initial[name]), name
+    for state in st.values():
+        for value in state.values():
+            assert isinstance(value, (torch.Tensor, int)), type(value)
+    quantized = [s for s in st.values() if "exp_avg_absmax" in s]
+    assert bool(quantized) == (cls is GaLoreAdamW8bit)
+    for s in quantized:
+        assert s["exp_avg"].dtype == torch.uint8 and s["exp_avg_absmax"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit])
+def test_bf16_state_keeps_its_dtypes_through_load(cls):
+    params, groups = _zoo(torch.bfloat16)
+    opt = cls(groups, lr=1e-2)
+    _run(opt, params, 2)
+    opt.load_state_dict(_save_load(opt.state_dict()))
+    s = opt.state[params["wide"]]
+    assert s["projector"].dtype == torch.bfloat16
+    assert (s.get("exp_avg_absmax", s["exp_avg"])).dtype == torch.float32
+    assert opt.state[params["bias"]]["exp_avg_sq"].dtype == torch.float32
+
+
+def test_galore_torch_param_group_code_works_unchanged():
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    # As in galore-torch's README.
+    galore_params = [model[0].weight, model[2].weight]
+    id_galore_params = [id(p) for p in galore_params]
+    regular_params = [p for p in model.parameters() if id(p) not in id_galore_params]
+    param_groups = [
+        {"params": regular_params},
+        {"params": galore_params, "rank": 4, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"},
+    ]
+    opt = GaLoreAdamW(param_groups, lr=0.01)
+    assert opt.param_groups[1]["svd"] == "randomized" and "rank" not in opt.param_groups[0]
+    x, y = torch.randn(64, 16), torch.randn(64, 4)
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"lr": -1.0}, "lr must be >= 0"),
+        ({"lr": float("nan")}, "lr must be a finite"),
+        ({"betas": (1.0, 0.999)}, r"betas\[0\] must be in \[0, 1\)"),
+        ({"betas": (0.9, -0.1)}, r"betas\[1\] must be in \[0, 1\)"),
+        ({"betas": 0.9}, "betas must be a pair"),
+        ({"eps": -1e-8}, "eps must be >= 0"),
+        ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
+        ({"backend": "cuda"}, "backend must be one of"),
+        ({"nonfinite": "ignore"}, "nonfinite must be one of"),
+        ({"seed": -1}, "seed must be an int"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, message):
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match=message):
+        GaLoreAdamW([p], **kwargs)
+
+
+@pytest.mark.parametrize(
+    "group, message",
+    [
+        ({"rank": 0}, "rank must be an int >= 1, got 0"),
+        ({"rank": 4.0}, "rank must be an int >= 1, got 4.0"),
+        ({"rank": True}, "rank must be an int"),
+        ({"rank": 4, "update_proj_gap": 0}, "update_proj_gap must be an int >= 1"),
+        ({"rank": 4, "proj_type": "diag"}, r"proj_type must be one of \('std'"),
+        ({"rank": 4, "svd": "qr"}, r"svd must be one of \('randomized', 'exact'\)"),
+        ({"rank": 4, "scale": 0}, "scale must be > 0"),
+        ({"rank": 4, "svd_power_iters": -1}, "svd_power_iters must be an int >= 0"),
+        ({"rank": 4, "lr": -0.5}, "lr must be >= 0"),
+    ],
+)
+def test_bad_groups_raise_value_error(group, message):
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(ValueError, match=message):
+        GaLoreAdamW([{"params": [p], **group}])
+    opt = GaLoreAdamW([torch.nn.Parameter(torch.randn(2))])
+    with pytest.raises(ValueError, match=message):
+        opt.add_param_group({"params": [p], **group})
+    assert len(opt.param_groups) == 1  # the bad group was not kept
+
+
+def test_min_8bit_size_checked():
+    with pytest.raises(ValueError, match="min_8bit_size must be an int >= 0"):
+        GaLoreAdamW8bit([torch.nn.Parameter(torch.randn(3))], min_8bit_size=-5)
+
+
+def test_triton_backend_says_it_is_not_available():
+    with pytest.raises(NotImplementedError, match="backend='triton' is not available"):
+        GaLoreAdamW([torch.nn.Parameter(torch.randn(3))], backend="triton")
+
+
+def test_sparse_and_complex_gradients_raise_before_any_update():
+    dense = torch.nn.Parameter(torch.randn(4, 4))
+    sparse = torch.nn.Parameter(torch.randn(4, 4))
+    opt = GaLoreAdamW([{"params": [dense, sparse], "rank": 2}])
+    dense.grad = torch.randn(4, 4)
+    sparse.grad = torch.randn(4, 4).to_sparse()
+    before = dense.detach().clone()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert torch.equal(dense, before) and not opt.state
+    cplx = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))
+    cplx.grad = torch.randn(4, 4, dtype=torch.complex64)
+    with pytest.raises(RuntimeError, match="real floating-point"):
+        GaLoreAdamW([cplx]).step()
+
+
+@pytest.mark.parametrize("cls, kwargs", OPTIMIZERS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradient_skips_that_parameter(cls, kwargs, bad):
+    params, groups = _zoo()
+    opt = cls(groups, lr=1e-2, **kwargs)
+    _run(opt, params, 3)  # step 3 is a refresh step for the "wide" group: the projector must survive
+    snapshot = {k: {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in s.items()} for k, s in opt.state.items()}
+    weights = {k: p.detach().clone() for k, p in params.items()}
+    grads = _grads(params, 3)
+    grads["wide"][2, 3] = bad
+    for name, g in grads.items():
+        params[name].grad = g
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+        grads["tall"][0, 0] = bad
+        params["tall"].grad = grads["tall"]
+        opt.step()
+    assert sum("NaN or Inf" in str(w.message) for w in caught) == 1
+    wide = params["wide"]
+    assert torch.equal(wide, weights["wide"])
+    for name, value in snapshot[wide].items():
+        if name == "nonfinite_skips":
+            assert opt.state[wide][name] == 2  # skipped on both steps (its gradient stayed bad)
+        elif isinstance(value, torch.Tensor):
+            assert torch.equal(opt.state[wide][name], value), name
+        else:
+            assert opt.state[wide][name] == value, name
+    assert opt.state[params["tall"]]["nonfinite_skips"] == 1
+    assert not torch.equal(params["conv"], weights["conv"])  # the others stepped
+
+
+def test_nonfinite_raise_mode():
+    p = torch.nn.Parameter(torch.randn(8, 8))
+    opt = GaLoreAdamW([{"params": [p], "rank": 2}], nonfinite="raise")
+    p.grad = torch.full((8, 8), float("nan"))
+    before = p.detach().clone()
+    with pytest.raises(RuntimeError, match="NaN or Inf"):
+        opt.step()
+    assert torch.equal(p, before)
+
+
+def test_closure_returns_loss():
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    opt = GaLoreAdamW([{"params": [w], "rank": 2}])
+
+    def closure():
+        opt.zero_grad()
+        loss = (w**2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.item() > 0
+    assert opt.state[w]["step"] == 1
+
+
+def test_lr_scheduler_drives_each_step():
+    def run(schedule):
+        params, groups = _zoo()
+        opt = GaLoreAdamW8bit(groups, lr=1e-2, min_8bit_size=64)
+        lrs = []
+        if schedule:
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / 3))
+        for step in range(6):
+            if not schedule:
+                for g in opt.param_groups:
+                    g["lr"] = 1e-2 * min(1.0, step / 3)
+            lrs.append(opt.param_groups[1]["lr"])
+            _run(opt, params, 1, start=step)
+            if schedule:
+                sched.step()
+        return params, lrs
+
+    scheduled, lrs = run(True)
+    manual, _ = run(False)
+    assert lrs[0] == 0.0 and lrs[-1] == pytest.approx(1e-2)
+    for name in scheduled:
+        assert torch.equal(scheduled[name], manual[name]), name
+
+
+def test_lr_zero_first_step_leaves_weights():
+    params, groups = _zoo()
+    opt = GaLoreAdamW(groups, lr=0.0, weight_decay=0.1)
+    before = {k: p.detach().clone() for k, p in params.items()}
+    _run(opt, params, 1)
+    for name in params:
+        assert torch.equal(params[name], before[name])
+
+
+@pytest.mark.parametrize("cls, kwargs", OPTIMIZERS)
+def test_grad_scaler_steps_like_unscaled_and_skips_overflow(cls, kwargs):
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 16), torch.randn(32, 8)
+
+    def train(use_scaler, overflow_at=None):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 24), torch.nn.Tanh(), torch.nn.Linear(24, 8))
+        groups = [
+            {"params": [model[0].bias, model[2].bias]},
+            {"params": [model[0].weight, model[2].weight], "rank": 4, "update_proj_gap": 3},
+        ]
+        opt = cls(groups, lr=1e-2, **kwargs)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, enabled=use_scaler)
+        for step in range(6):
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            if step == overflow_at:
+                model[0].weight.grad[0, 0] = float("inf")
+            scaler.step(opt)
+            scaler.update()
+        return model, opt, scaler
+
+    plain, _, _ = train(False)
+    scaled, _, _ = train(True)
+    for a, b in zip(plain.parameters(), scaled.parameters()):
+        assert torch.equal(a, b)  # power-of-two scaling is exact in fp32
+    skipped, opt, scaler = train(True, overflow_at=2)
+    assert scaler.get_scale() < 2.0**10
+    assert opt.state[skipped[0].weight]["step"] == 5
+    assert all(torch.isfinite(p).all() for p in skipped.parameters())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit])
+def test_checkpoint_moves_between_cpu_and_cuda(cls):
+    params, groups = _zoo()
+    opt = cls(groups, lr=1e-2)
+    _run(opt, params, 4)
+    saved = _save_load(opt.state_dict())
+
+    cuda_params, cuda_groups = _zoo(device="cuda")
+    with torch.no_grad():
+        for name, p in cuda_params.items():
+            p.copy_(params[name])
+    opt_cuda = cls(cuda_groups, lr=1e-2)
+    opt_cuda.load_state_dict(saved)
+    for state in opt_cuda.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                assert value.is_cuda
+    reloaded = cls(_zoo()[1], lr=1e-2)
+    reloaded.load_state_dict(_save_load(opt_cuda.state_dict()))
+    _assert_same_state(opt, reloaded)  # CPU → CUDA → CPU is exact
+
+    _run(opt, params, 3, start=4)
+    _run(opt_cuda, cuda_params, 3, start=4)
+    for name, p in params.items():
+        torch.testing.assert_close(cuda_params[name].cpu(), p, rtol=1e-3, atol=1e-4)
