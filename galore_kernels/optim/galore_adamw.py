@@ -69,11 +69,19 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
             self.state[p].update(init_state(p, group, param_seed=param_seed, min_8bit_size=self.min_8bit_size))
 
     def _finite_flags(self, grads: list[torch.Tensor]) -> list[bool]:
-        """Whether each gradient is all-finite, with one host sync for the whole step."""
+        """Whether each gradient is all-finite, with one host sync for the whole step.
+
+        A NaN or Inf element makes the fp32 sum non-finite, so a finite sum proves a finite gradient in
+        one pass without a temporary (three passes for ``isfinite().all()``: 1.5 ms of a 3.5 ms 1024²
+        step on the CPU). Only a non-finite sum, which finite values can also give by overflowing, is
+        checked element by element.
+        """
         if not grads:
             return []
         device = grads[0].device
-        return torch.stack([torch.isfinite(g).all().to(device) for g in grads]).tolist()
+        sums = torch.stack([g.sum(dtype=torch.float32).to(device) for g in grads])
+        flags = torch.isfinite(sums).tolist()
+        return [ok or bool(torch.isfinite(g).all()) for ok, g in zip(flags, grads)]
 
     def _skip_nonfinite(self, param: torch.Tensor, state: dict[str, Any]) -> None:
         if self.nonfinite == "raise":
