@@ -1,41 +1,95 @@
 """One function per algorithm step, each picking the backend that runs it (DESIGN §6).
 
-Backends share one signature and one state format, so a run can switch between them. This version
-ships the PyTorch reference only; the Triton kernels are the next milestone, and asking for them says so.
+Backends share one signature and one state format, so a run can switch between them mid-training:
+"torch" is the reference (:mod:`galore_kernels.reference`), "triton" the fused kernels of
+:mod:`galore_kernels.kernels` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``), and "auto"
+picks Triton for CUDA tensors when it imports and the reference otherwise.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+from collections import defaultdict
 from typing import Any
 
 import torch
 
+from . import projector as proj
 from . import reference
 from .reference import AdamHyper, GaLoreConfig
+from .rng import sketch_seed
+from .state import is_quantized, matrix_shape
 
-__all__ = ["BACKENDS", "resolve_backend", "adamw_step", "galore_adamw_step"]
+__all__ = ["BACKENDS", "check_backend", "resolve_backend", "adamw_steps", "galore_adamw_step"]
 
 BACKENDS = ("auto", "torch", "triton")
 
 
-def resolve_backend(backend: str) -> str:
-    """The backend that will run: "torch" for "auto" and "torch"; "triton" is not available yet."""
+@functools.lru_cache(maxsize=None)
+def _triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def check_backend(backend: str) -> None:
+    """Reject unknown names, and "triton" where Triton is not installed, before any state exists."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" and not _triton_available():
+        raise RuntimeError("backend='triton' needs the triton package, which is not installed; use 'auto' or 'torch'")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs a step on ``device``: "torch" or "triton"."""
+    check_backend(backend)
+    if backend == "torch":
+        return "torch"
+    from .kernels.runtime import interpreting
+
+    runnable = device.type == "cuda" or interpreting()
     if backend == "triton":
-        raise NotImplementedError(
-            "backend='triton' is not available in this version of galore_kernels (the fused kernels "
-            "are not built yet); use backend='auto' or 'torch'"
-        )
-    return "torch"
+        if not runnable:
+            raise RuntimeError(
+                f"backend='triton' runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1; "
+                f"got a {device.type} tensor"
+            )
+        return "triton"
+    return "triton" if device.type == "cuda" and _triton_available() else "torch"
 
 
-def adamw_step(
-    param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], hyper: AdamHyper, *, backend: str
+def adamw_steps(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[dict[str, Any]],
+    hyper: AdamHyper,
+    *,
+    backend: str,
 ) -> None:
-    """AdamW on a parameter without projection, with fp32 or 8-bit moments as its state holds."""
-    resolve_backend(backend)
-    reference.adamw_step(param, grad, state, hyper)
+    """AdamW on parameters without projection (one param group), fp32 or 8-bit moments as each state holds."""
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, (p, g, s) in enumerate(zip(params, grads, states)):
+        if resolve_backend(backend, p.device) == "torch" or not p.is_contiguous():
+            reference.adamw_step(p, g, s, hyper)
+        else:
+            buckets[(p.device, p.dtype, g.dtype, is_quantized(s))].append(i)
+    if not buckets:
+        return
+    from .kernels.adamw_elementwise import adamw_multi_tensor
+
+    for members in buckets.values():
+        member_states = [states[i] for i in members]
+        adamw_multi_tensor(
+            [params[i] for i in members],
+            [grads[i] for i in members],
+            member_states,
+            [hyper.step_size(s["step"]) for s in member_states],
+            beta1=hyper.beta1,
+            beta2=hyper.beta2,
+            eps=hyper.eps,
+            decay=1.0 - hyper.lr * hyper.weight_decay,
+        )
+        for s in member_states:
+            s["step"] += 1
 
 
 def galore_adamw_step(
@@ -47,6 +101,44 @@ def galore_adamw_step(
     *,
     backend: str,
 ) -> None:
-    """GaLore-AdamW on a ≥2-D parameter, with fp32 or 8-bit moments as its state holds."""
-    resolve_backend(backend)
-    reference.galore_adamw_step(param, grad, state, hyper, cfg)
+    """GaLore-AdamW on a ≥2-D parameter, with fp32 or 8-bit moments as its state holds.
+
+    The Triton path runs the randomized refresh with the in-kernel sketch, then kernel A (project + Adam)
+    and kernel B (back-project + update). ``proj_type="full"`` and non-contiguous weights take the
+    reference on every backend.
+    """
+    g = grad.reshape(matrix_shape(param))
+    side = proj.resolve_side(cfg.proj_type, tuple(g.shape))
+    if resolve_backend(backend, param.device) == "torch" or side == "full" or not param.is_contiguous():
+        reference.galore_adamw_step(param, grad, state, hyper, cfg)
+        return
+    from .kernels.backproject_update import backproject_update
+    from .kernels.project_adam import project_adam
+    from .kernels.sketch import gaussian_sketch
+
+    t = state["step"]
+    if proj.is_refresh_step(t, cfg.update_proj_gap):
+        b = proj.compute_projector(
+            g,
+            cfg.rank,
+            side,
+            method=cfg.svd,
+            seed=sketch_seed(state["seed"], t),
+            oversample=cfg.oversample,
+            power_iters=cfg.power_iters,
+            sketch=gaussian_sketch,
+        )
+        state["projector"].copy_(b)
+    b = state["projector"]
+    direction = project_adam(
+        b, proj.oriented(g, side), state, beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps, scale=cfg.scale
+    )
+    backproject_update(
+        param.view(matrix_shape(param)),
+        b,
+        direction,
+        side,
+        decay=1.0 - hyper.lr * hyper.weight_decay,
+        step_size=hyper.step_size(t),
+    )
+    state["step"] = t + 1

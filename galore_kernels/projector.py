@@ -6,6 +6,8 @@ as S = B · G' where G' = G for the left side and Gᵀ for the right side.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from . import rng
@@ -67,15 +69,27 @@ def _orthonormal_columns(y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(y, mode="reduced").Q
 
 
+Sketch = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+def gaussian_sketch(g: torch.Tensor, seed: int, width: int) -> torch.Tensor:
+    """Y = g·Ω (d × width, fp32) with Ω[i, j] = rng.randn(seed, i·width + j), materialized.
+
+    The Triton backend passes its own function computing the same Y without materializing Ω.
+    """
+    k = g.shape[1]
+    offsets = torch.arange(k * width, device=g.device, dtype=torch.int64)
+    return g.float() @ rng.randn(seed, offsets).reshape(k, width)
+
+
 def _randomized_range(
-    g: torch.Tensor, rank: int, *, seed: int, oversample: int, power_iters: int
+    g: torch.Tensor, rank: int, *, seed: int, oversample: int, power_iters: int, sketch: Sketch
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Approximate top singular vectors of g (d × k, fp32): returns (U_r (d × r), Vh_r (r × k))."""
+    """Approximate top singular vectors of g (d × k): returns (U_r (d × r), Vh_r (r × k)), fp32."""
     d, k = g.shape
     width = min(rank + oversample, d, k)
-    offsets = torch.arange(k * width, device=g.device, dtype=torch.int64)
-    omega = rng.randn(seed, offsets).reshape(k, width)
-    q = _orthonormal_columns(g @ omega)
+    q = _orthonormal_columns(sketch(g, seed, width))
+    g = g.float()
     previous = None
     for _ in range(power_iters):
         previous = q
@@ -99,6 +113,7 @@ def compute_projector(
     seed: int = 0,
     oversample: int = 8,
     power_iters: int = 2,
+    sketch: Sketch = gaussian_sketch,
 ) -> torch.Tensor:
     """The canonical projector B (r × d, fp32, orthonormal rows) of a 2-D gradient, r = min(rank, m, n).
 
@@ -119,13 +134,12 @@ def compute_projector(
     if side not in SIDES:
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
     r = effective_rank(rank, tuple(grad_2d.shape))
-    g = grad_2d.float()
     if method == "exact":
-        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+        u, _, vh = torch.linalg.svd(grad_2d.float(), full_matrices=False)
         return (u[:, :r].T if side == "left" else vh[:r]).contiguous()
     if method == "randomized":
         u_r, _ = _randomized_range(
-            oriented(g, side), r, seed=seed, oversample=oversample, power_iters=power_iters
+            oriented(grad_2d, side), r, seed=seed, oversample=oversample, power_iters=power_iters, sketch=sketch
         )
         return u_r.T.contiguous()
     raise ValueError(f"method must be one of {SVD_METHODS}, got {method!r}")
@@ -152,6 +166,8 @@ def compute_full_projectors(
         u, _, vh = torch.linalg.svd(g, full_matrices=False)
         return u[:, :r].T.contiguous(), vh[:r].contiguous()
     if method == "randomized":
-        u_r, vh_r = _randomized_range(g, r, seed=seed, oversample=oversample, power_iters=power_iters)
+        u_r, vh_r = _randomized_range(
+            g, r, seed=seed, oversample=oversample, power_iters=power_iters, sketch=gaussian_sketch
+        )
         return u_r.T.contiguous(), vh_r.contiguous()
     raise ValueError(f"method must be one of {SVD_METHODS}, got {method!r}")

@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-__all__ = ["dynamic_map", "quantize_blockwise", "dequantize_blockwise", "BLOCK_SIZE"]
+__all__ = ["dynamic_map", "code_midpoints", "quantize_blockwise", "dequantize_blockwise", "BLOCK_SIZE"]
 
 BLOCK_SIZE = 256
 _MAX_EXPONENT_BITS = 7
@@ -54,6 +54,11 @@ def dynamic_map(signed: bool, device: torch.device | str | None = None) -> torch
 def _midpoints_cpu(signed: bool) -> torch.Tensor:
     code = _dynamic_map_cpu(signed)
     return (code[:-1] + code[1:]) / 2.0
+
+
+def code_midpoints(signed: bool, device: torch.device | str | None = None) -> torch.Tensor:
+    """The 255 midpoints between neighbouring map entries: a value's code is how many lie below it."""
+    return _midpoints_cpu(bool(signed)).to(device=device, copy=True)
 
 
 def _check_2d(x: torch.Tensor, block_size: int) -> None:

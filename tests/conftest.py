@@ -19,3 +19,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Make torch.empty return NaN-filled (float) or 0xAB-filled (integer) tensors, so an output element
+    a kernel forgot to write shows up instead of passing by luck."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        out = real_empty(*args, **kwargs)
+        return out.fill_(float("nan") if out.is_floating_point() else 0xAB)
+
+    monkeypatch.setattr(torch, "empty", empty)

@@ -229,9 +229,15 @@ def test_min_8bit_size_checked():
         GaLoreAdamW8bit([torch.nn.Parameter(torch.randn(3))], min_8bit_size=-5)
 
 
-def test_triton_backend_says_it_is_not_available():
-    with pytest.raises(NotImplementedError, match="backend='triton' is not available"):
-        GaLoreAdamW([torch.nn.Parameter(torch.randn(3))], backend="triton")
+def test_triton_backend_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    opt = GaLoreAdamW([{"params": [w], "rank": 2}], backend="triton")
+    w.grad = torch.randn(8, 8)
+    before = w.detach().clone()
+    with pytest.raises(RuntimeError, match="CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1"):
+        opt.step()
+    assert torch.equal(w, before)
 
 
 def test_sparse_and_complex_gradients_raise_before_any_update():

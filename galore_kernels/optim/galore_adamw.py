@@ -36,7 +36,7 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
         min_8bit_size: int | None,
     ) -> None:
         check_hyper(lr, betas, eps, weight_decay)
-        functional.resolve_backend(backend)
+        functional.check_backend(backend)
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -111,17 +111,25 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
             _check_grad(p)
         finite = self._finite_flags([p.grad for _, p in work])
         self._init_missing_state(work)
+        steps: dict[int, list[torch.Tensor]] = {}
         for (group, p), grad_is_finite in zip(work, finite):
-            state = self.state[p]
-            if not grad_is_finite:
-                self._skip_nonfinite(p, state)
-                continue
+            if grad_is_finite:
+                steps.setdefault(id(group), []).append(p)
+            else:
+                self._skip_nonfinite(p, self.state[p])
+        for group in self.param_groups:
+            params = steps.get(id(group), [])
             beta1, beta2 = group["betas"]
             hyper = AdamHyper(float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"])
-            if is_galore(p, group):
-                functional.galore_adamw_step(p, p.grad, state, hyper, _galore_config(group), backend=self.backend)
-            else:
-                functional.adamw_step(p, p.grad, state, hyper, backend=self.backend)
+            plain = [p for p in params if not is_galore(p, group)]
+            functional.adamw_steps(
+                plain, [p.grad for p in plain], [self.state[p] for p in plain], hyper, backend=self.backend
+            )
+            for p in params:
+                if is_galore(p, group):
+                    functional.galore_adamw_step(
+                        p, p.grad, self.state[p], hyper, _galore_config(group), backend=self.backend
+                    )
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

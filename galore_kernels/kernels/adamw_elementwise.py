@@ -1,0 +1,129 @@
+"""Kernel E: the AdamW step of non-GaLore parameters (fp32 or 8-bit moments), many tensors per launch.
+
+A group's biases, norms and embeddings are many small tensors; launching per tensor costs more than the
+work. One launch covers them all: the host passes tables of their addresses, sizes and step sizes, and a
+block table mapping each program to (tensor, block). Every program updates one block of one tensor: 256
+elements for 8-bit moments (one absmax, bitsandbytes' flat layout), 1024 for fp32 moments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from ..quant import BLOCK_SIZE
+from .codebook import code_tables, dequantize_rows, quantize_rows
+
+FP32_BLOCK = 1024
+
+
+@triton.jit
+def _adamw_kernel(
+    w_table, g_table, m_table, v_table, m_absmax_table, v_absmax_table,
+    numel_table, step_size_table, block_tensor, block_index,
+    w_like, g_like, m_like,
+    signed_map_ptr, signed_mids_ptr, unsigned_map_ptr, unsigned_mids_ptr,
+    beta1, beta2, eps, decay,
+    QUANTIZED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    tensor = tl.load(block_tensor + pid).to(tl.int64)
+    block = tl.load(block_index + pid).to(tl.int64)
+    numel = tl.load(numel_table + tensor)
+    step_size = tl.load(step_size_table + tensor)
+    # Addresses become typed pointers; the *_like arguments carry the element types.
+    w_ptr = tl.load(w_table + tensor).to(w_like.dtype)
+    g_ptr = tl.load(g_table + tensor).to(g_like.dtype)
+    m_ptr = tl.load(m_table + tensor).to(m_like.dtype)
+    v_ptr = tl.load(v_table + tensor).to(m_like.dtype)
+
+    offs = block * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if QUANTIZED:
+        m_absmax_ptr = tl.load(m_absmax_table + tensor).to(tl.pointer_type(tl.float32))
+        v_absmax_ptr = tl.load(v_absmax_table + tensor).to(tl.pointer_type(tl.float32))
+        m_codes = tl.reshape(tl.load(m_ptr + offs, mask=mask, other=0), (1, BLOCK))
+        v_codes = tl.reshape(tl.load(v_ptr + offs, mask=mask, other=0), (1, BLOCK))
+        m_absmax = tl.reshape(tl.load(m_absmax_ptr + block), (1, 1))
+        v_absmax = tl.reshape(tl.load(v_absmax_ptr + block), (1, 1))
+        m = tl.reshape(dequantize_rows(m_codes, m_absmax, signed_map_ptr, BLOCK, 1, BLOCK), (BLOCK,))
+        v = tl.reshape(dequantize_rows(v_codes, v_absmax, unsigned_map_ptr, BLOCK, 1, BLOCK), (BLOCK,))
+        m = tl.where(mask, m, 0.0)  # masked code 0 is -0.99 on the signed map
+        v = tl.where(mask, v, 0.0)
+    else:
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+
+    m = m * beta1 + g * (1.0 - beta1)
+    v = v * beta2 + g * g * (1.0 - beta2)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    w = w * decay - step_size * (m / (tl.sqrt(v) + eps))
+    tl.store(w_ptr + offs, w.to(w_like.dtype.element_ty), mask=mask)
+
+    if QUANTIZED:
+        m_codes, m_absmax = quantize_rows(tl.reshape(m, (1, BLOCK)), signed_mids_ptr, BLOCK, 1, BLOCK)
+        v_codes, v_absmax = quantize_rows(tl.reshape(v, (1, BLOCK)), unsigned_mids_ptr, BLOCK, 1, BLOCK)
+        tl.store(m_ptr + offs, tl.reshape(m_codes, (BLOCK,)), mask=mask)
+        tl.store(v_ptr + offs, tl.reshape(v_codes, (BLOCK,)), mask=mask)
+        tl.store(m_absmax_ptr + block + tl.arange(0, 1), tl.reshape(m_absmax, (1,)))
+        tl.store(v_absmax_ptr + block + tl.arange(0, 1), tl.reshape(v_absmax, (1,)))
+    else:
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+
+
+def adamw_multi_tensor(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[dict[str, Any]],
+    step_sizes: list[float],
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    decay: float,
+) -> None:
+    """One AdamW step for tensors sharing device, dtypes and moment format, in a single launch.
+
+    Parameters must be contiguous; gradients are made contiguous if they are not. Moments are updated
+    in place in the states' own layout (param-shaped fp32, or (1, numel) codes with (1, blocks) absmax).
+    """
+    if not params:
+        return
+    device = params[0].device
+    quantized = "exp_avg_absmax" in states[0]
+    block = BLOCK_SIZE if quantized else FP32_BLOCK
+    grads = [g.contiguous() for g in grads]  # keeps the references alive until the launch is queued
+
+    def addresses(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
+
+    numels = [p.numel() for p in params]
+    blocks_per_tensor = [triton.cdiv(n, block) for n in numels]
+    counts = torch.tensor(blocks_per_tensor, device=device)
+    block_tensor = torch.repeat_interleave(torch.arange(len(params), device=device, dtype=torch.int32), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    block_index = (torch.arange(block_tensor.numel(), device=device) - starts[block_tensor.long()]).to(torch.int32)
+    m_states = [s["exp_avg"] for s in states]
+    v_states = [s["exp_avg_sq"] for s in states]
+    absmax_tables = (
+        (addresses([s["exp_avg_absmax"] for s in states]), addresses([s["exp_avg_sq_absmax"] for s in states]))
+        if quantized
+        else (counts, counts)  # unused
+    )
+    signed_map, signed_mids = code_tables(True, device)
+    unsigned_map, unsigned_mids = code_tables(False, device)
+    _adamw_kernel[(block_tensor.numel(),)](
+        addresses(params), addresses(grads), addresses(m_states), addresses(v_states), *absmax_tables,
+        torch.tensor(numels, dtype=torch.int64, device=device),
+        torch.tensor(step_sizes, dtype=torch.float32, device=device),
+        block_tensor, block_index,
+        params[0], grads[0], m_states[0],
+        signed_map, signed_mids, unsigned_map, unsigned_mids,
+        beta1, beta2, eps, decay,
+        QUANTIZED=quantized, BLOCK=block,
+    )

@@ -1,0 +1,138 @@
+"""Kernel A: S = B·G' (fp32 accumulate) with the Adam epilogue, writing N = α·m/(√v + ε).
+
+One program owns a (BLOCK_R × BLOCK_K) tile of S and loops over d. The epilogue loads that tile's
+moments (fp32, or 8-bit codes + absmax dequantized in registers), updates them, writes them back
+(requantized with a fresh absmax per 256-column block: an 8-bit tile spans whole blocks) and writes N.
+G' = G or Gᵀ is read through strides, never copied. Hyper-parameters are runtime arguments, so nothing
+recompiles during training.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from ..quant import BLOCK_SIZE
+from .codebook import code_tables, dequantize_rows, quantize_rows
+from .runtime import upcast_dot
+
+
+@triton.jit
+def _project_adam_kernel(
+    b_ptr, g_ptr, n_ptr,
+    m_ptr, v_ptr, m_absmax_ptr, v_absmax_ptr,
+    signed_map_ptr, signed_mids_ptr, unsigned_map_ptr, unsigned_mids_ptr,
+    r, d, k, n_blocks,
+    stride_br, stride_bd, stride_gd, stride_gk,
+    beta1, beta2, eps, scale,
+    QUANTIZED: tl.constexpr, QBLOCK: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_r = tl.program_id(0).to(tl.int64)
+    pid_k = tl.program_id(1).to(tl.int64)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    ds = tl.arange(0, BLOCK_D)
+    row_ok = rows < r
+    col_ok = cols < k
+
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    for d0 in range(0, d, BLOCK_D):
+        dd = d0 + ds
+        b = tl.load(
+            b_ptr + rows[:, None] * stride_br + dd[None, :] * stride_bd,
+            mask=row_ok[:, None] & (dd[None, :] < d), other=0.0,
+        )
+        g = tl.load(
+            g_ptr + dd[:, None] * stride_gd + cols[None, :] * stride_gk,
+            mask=(dd[:, None] < d) & col_ok[None, :], other=0.0,
+        )
+        if UPCAST:
+            b = b.to(tl.float32)
+            g = g.to(tl.float32)
+        acc = tl.dot(b, g, acc)
+
+    mask = row_ok[:, None] & col_ok[None, :]
+    offs = rows[:, None] * k + cols[None, :]
+    if QUANTIZED:
+        blocks = pid_k * (BLOCK_K // QBLOCK) + tl.arange(0, BLOCK_K // QBLOCK)
+        absmax_offs = rows[:, None] * n_blocks + blocks[None, :]
+        absmax_mask = row_ok[:, None] & (blocks[None, :] < n_blocks)
+        m_codes = tl.load(m_ptr + offs, mask=mask, other=0)
+        v_codes = tl.load(v_ptr + offs, mask=mask, other=0)
+        m_absmax = tl.load(m_absmax_ptr + absmax_offs, mask=absmax_mask, other=0.0)
+        v_absmax = tl.load(v_absmax_ptr + absmax_offs, mask=absmax_mask, other=0.0)
+        # Masked codes read as code 0 (-0.99 on the signed map): zero them so that the short last block
+        # of a row neither gains phantom values nor a larger absmax.
+        m = tl.where(mask, dequantize_rows(m_codes, m_absmax, signed_map_ptr, QBLOCK, BLOCK_R, BLOCK_K), 0.0)
+        v = tl.where(mask, dequantize_rows(v_codes, v_absmax, unsigned_map_ptr, QBLOCK, BLOCK_R, BLOCK_K), 0.0)
+    else:
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+
+    m = m * beta1 + acc * (1.0 - beta1)
+    v = v * beta2 + acc * acc * (1.0 - beta2)
+    n = m / (tl.sqrt(v) + eps) * scale
+    tl.store(n_ptr + offs, n.to(n_ptr.dtype.element_ty), mask=mask)
+
+    if QUANTIZED:
+        m_codes, m_absmax = quantize_rows(m, signed_mids_ptr, QBLOCK, BLOCK_R, BLOCK_K)
+        v_codes, v_absmax = quantize_rows(v, unsigned_mids_ptr, QBLOCK, BLOCK_R, BLOCK_K)
+        tl.store(m_ptr + offs, m_codes, mask=mask)
+        tl.store(v_ptr + offs, v_codes, mask=mask)
+        tl.store(m_absmax_ptr + absmax_offs, m_absmax, mask=absmax_mask)
+        tl.store(v_absmax_ptr + absmax_offs, v_absmax, mask=absmax_mask)
+    else:
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+
+
+def config(r: int, k: int, quantized: bool) -> dict[str, int]:
+    """Tile sizes and warps for an (r × k) moment tensor; an 8-bit tile spans whole 256-column blocks."""
+    block_r = 16 if r <= 16 else 32 if r <= 32 else 64
+    block_k = BLOCK_SIZE if quantized else 128
+    return {"BLOCK_R": block_r, "BLOCK_K": block_k, "BLOCK_D": 32, "num_warps": 8 if block_r * block_k >= 8192 else 4}
+
+
+def project_adam(
+    projector: torch.Tensor,
+    g_oriented: torch.Tensor,
+    state: dict[str, Any],
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    scale: float,
+) -> torch.Tensor:
+    """Update the moments of ``state`` with S = projector · g_oriented and return N (r × k).
+
+    ``g_oriented`` is G' (d × k) as a view of the gradient: strides decide the side, nothing is copied.
+    Operands reach tl.dot in their own dtype when they share it (bf16/fp16 tensor cores, tf32 for fp32).
+    N is written in the projector's dtype, so the back-projection GEMM also runs on 16-bit tensor cores
+    for 16-bit weights: its rounding (2^-9 relative for bf16) is far below that of storing the weight.
+    """
+    r, d = projector.shape
+    k = g_oriented.shape[1]
+    quantized = "exp_avg_absmax" in state
+    out = torch.empty((r, k), dtype=projector.dtype, device=projector.device)
+    n_blocks = triton.cdiv(k, BLOCK_SIZE)
+    signed_map, signed_mids = code_tables(True, projector.device)
+    unsigned_map, unsigned_mids = code_tables(False, projector.device)
+    m_absmax = state.get("exp_avg_absmax", out)  # any tensor: unused when not quantized
+    v_absmax = state.get("exp_avg_sq_absmax", out)
+    cfg = config(r, k, quantized)
+    grid = (triton.cdiv(r, cfg["BLOCK_R"]), triton.cdiv(k, cfg["BLOCK_K"]))
+    _project_adam_kernel[grid](
+        projector, g_oriented, out,
+        state["exp_avg"], state["exp_avg_sq"], m_absmax, v_absmax,
+        signed_map, signed_mids, unsigned_map, unsigned_mids,
+        r, d, k, n_blocks,
+        projector.stride(0), projector.stride(1), g_oriented.stride(0), g_oriented.stride(1),
+        beta1, beta2, eps, scale,
+        QUANTIZED=quantized, QBLOCK=BLOCK_SIZE, UPCAST=upcast_dot(projector.dtype, g_oriented.dtype),
+        **cfg,
+    )
+    return out

@@ -1,0 +1,55 @@
+"""Kernel D: the randomized refresh's sketch Y = G'·Ω, with Ω generated in registers, never stored.
+
+Ω[i, j] = tl.randn(seed, i·width + j), the numbers :func:`galore_kernels.rng.randn` gives the reference,
+so both backends sketch with the same Ω. Each program owns a (BLOCK_M × BLOCK_N) tile of Y and draws the
+Ω tiles it needs as it walks k; the rest of the refresh (QR, power iterations, the small SVD) stays in
+torch, where cuSOLVER and cuBLAS do it (see galore_kernels.projector).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _sketch_kernel(
+    g_ptr, y_ptr,
+    d, k, width, seed,
+    stride_gd, stride_gk,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, k, BLOCK_K):
+        kk = k0 + ks
+        g = tl.load(
+            g_ptr + rows[:, None] * stride_gd + kk[None, :] * stride_gk,
+            mask=(rows[:, None] < d) & (kk[None, :] < k), other=0.0,
+        ).to(tl.float32)
+        # Rows of Ω past k meet zero columns of g, so they need no mask; columns past width are cut at the store.
+        omega = tl.randn(seed, kk[:, None] * width + cols[None, :])
+        acc = tl.dot(g, omega, acc)
+    tl.store(y_ptr + rows[:, None] * width + cols[None, :], acc, mask=(rows[:, None] < d) & (cols[None, :] < width))
+
+
+def config(d: int, width: int) -> dict[str, int]:
+    """64-row tiles; columns up to 64 wide (a refresh sketch is r + p ≤ ~1032 wide)."""
+    return {"BLOCK_M": 64, "BLOCK_N": 64 if width > 32 else 32, "BLOCK_K": 32, "num_warps": 4}
+
+
+def gaussian_sketch(g: torch.Tensor, seed: int, width: int) -> torch.Tensor:
+    """Y = g·Ω (d × width, fp32) for g (d × k, any strides and float dtype); equals the reference's."""
+    d, k = g.shape
+    y = torch.empty((d, width), dtype=torch.float32, device=g.device)
+    if y.numel() == 0:
+        return y
+    cfg = config(d, width)
+    grid = (triton.cdiv(d, cfg["BLOCK_M"]), triton.cdiv(width, cfg["BLOCK_N"]))
+    _sketch_kernel[grid](g, y, d, k, width, seed, g.stride(0), g.stride(1), **cfg)
+    return y
