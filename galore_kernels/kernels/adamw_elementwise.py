@@ -16,6 +16,8 @@ import triton.language as tl
 
 from ..quant import BLOCK_SIZE
 from .codebook import code_tables, dequantize_rows, quantize_rows
+from .rounding import round_to
+from .runtime import interpreting
 
 FP32_BLOCK = 1024
 
@@ -27,7 +29,7 @@ def _adamw_kernel(
     w_like, g_like, m_like,
     signed_map_ptr, signed_mids_ptr, unsigned_map_ptr, unsigned_mids_ptr,
     beta1, beta2, eps, decay,
-    QUANTIZED: tl.constexpr, BLOCK: tl.constexpr,
+    QUANTIZED: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     tensor = tl.load(block_tensor + pid).to(tl.int64)
@@ -48,8 +50,9 @@ def _adamw_kernel(
         v_absmax_ptr = tl.load(v_absmax_table + tensor).to(tl.pointer_type(tl.float32))
         m_codes = tl.reshape(tl.load(m_ptr + offs, mask=mask, other=0), (1, BLOCK))
         v_codes = tl.reshape(tl.load(v_ptr + offs, mask=mask, other=0), (1, BLOCK))
-        m_absmax = tl.reshape(tl.load(m_absmax_ptr + block), (1, 1))
-        v_absmax = tl.reshape(tl.load(v_absmax_ptr + block), (1, 1))
+        one = tl.arange(0, 1)
+        m_absmax = tl.reshape(tl.load(m_absmax_ptr + block + one), (1, 1))
+        v_absmax = tl.reshape(tl.load(v_absmax_ptr + block + one), (1, 1))
         m = tl.reshape(dequantize_rows(m_codes, m_absmax, signed_map_ptr, BLOCK, 1, BLOCK), (BLOCK,))
         v = tl.reshape(dequantize_rows(v_codes, v_absmax, unsigned_map_ptr, BLOCK, 1, BLOCK), (BLOCK,))
         m = tl.where(mask, m, 0.0)  # masked code 0 is -0.99 on the signed map
@@ -62,15 +65,15 @@ def _adamw_kernel(
     v = v * beta2 + g * g * (1.0 - beta2)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     w = w * decay - step_size * (m / (tl.sqrt(v) + eps))
-    tl.store(w_ptr + offs, w.to(w_like.dtype.element_ty), mask=mask)
+    tl.store(w_ptr + offs, round_to(w, w_like.dtype.element_ty, SOFT_BF16), mask=mask)
 
     if QUANTIZED:
         m_codes, m_absmax = quantize_rows(tl.reshape(m, (1, BLOCK)), signed_mids_ptr, BLOCK, 1, BLOCK)
         v_codes, v_absmax = quantize_rows(tl.reshape(v, (1, BLOCK)), unsigned_mids_ptr, BLOCK, 1, BLOCK)
         tl.store(m_ptr + offs, tl.reshape(m_codes, (BLOCK,)), mask=mask)
         tl.store(v_ptr + offs, tl.reshape(v_codes, (BLOCK,)), mask=mask)
-        tl.store(m_absmax_ptr + block + tl.arange(0, 1), tl.reshape(m_absmax, (1,)))
-        tl.store(v_absmax_ptr + block + tl.arange(0, 1), tl.reshape(v_absmax, (1,)))
+        tl.store(m_absmax_ptr + block + one, tl.reshape(m_absmax, (1,)))
+        tl.store(v_absmax_ptr + block + one, tl.reshape(v_absmax, (1,)))
     else:
         tl.store(m_ptr + offs, m, mask=mask)
         tl.store(v_ptr + offs, v, mask=mask)
@@ -125,5 +128,5 @@ def adamw_multi_tensor(
         params[0], grads[0], m_states[0],
         signed_map, signed_mids, unsigned_map, unsigned_mids,
         beta1, beta2, eps, decay,
-        QUANTIZED=quantized, BLOCK=block,
+        QUANTIZED=quantized, SOFT_BF16=interpreting(), BLOCK=block,
     )

@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import upcast_dot
+from .rounding import round_to
+from .runtime import interpreting, upcast_dot
 
 
 @triton.jit
@@ -20,7 +21,7 @@ def _backproject_update_kernel(
     r, m, n,
     stride_pr, stride_pm, stride_qr, stride_qn, stride_wm, stride_wn,
     decay, step_size,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, SOFT_BF16: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
@@ -53,7 +54,7 @@ def _backproject_update_kernel(
     w_ptrs = w_ptr + rows[:, None] * stride_wm + cols[None, :] * stride_wn
     w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
     w = w * decay - step_size * acc
-    tl.store(w_ptrs, w.to(w_ptr.dtype.element_ty), mask=mask)
+    tl.store(w_ptrs, round_to(w, w_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
 
 
 def config(m: int, n: int) -> dict[str, int]:
@@ -90,5 +91,6 @@ def backproject_update(
         p.stride(0), p.stride(1), q.stride(0), q.stride(1), weight.stride(0), weight.stride(1),
         decay, step_size,
         UPCAST=upcast_dot(p.dtype, q.dtype),
+        SOFT_BF16=interpreting(),
         **cfg,
     )

@@ -17,7 +17,8 @@ import triton.language as tl
 
 from ..quant import BLOCK_SIZE
 from .codebook import code_tables, dequantize_rows, quantize_rows
-from .runtime import upcast_dot
+from .rounding import round_to
+from .runtime import interpreting, upcast_dot
 
 
 @triton.jit
@@ -28,7 +29,7 @@ def _project_adam_kernel(
     r, d, k, n_blocks,
     stride_br, stride_bd, stride_gd, stride_gk,
     beta1, beta2, eps, scale,
-    QUANTIZED: tl.constexpr, QBLOCK: tl.constexpr, UPCAST: tl.constexpr,
+    QUANTIZED: tl.constexpr, QBLOCK: tl.constexpr, UPCAST: tl.constexpr, SOFT_BF16: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_r = tl.program_id(0).to(tl.int64)
@@ -76,7 +77,7 @@ def _project_adam_kernel(
     m = m * beta1 + acc * (1.0 - beta1)
     v = v * beta2 + acc * acc * (1.0 - beta2)
     n = m / (tl.sqrt(v) + eps) * scale
-    tl.store(n_ptr + offs, n.to(n_ptr.dtype.element_ty), mask=mask)
+    tl.store(n_ptr + offs, round_to(n, n_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
 
     if QUANTIZED:
         m_codes, m_absmax = quantize_rows(m, signed_mids_ptr, QBLOCK, BLOCK_R, BLOCK_K)
@@ -133,6 +134,7 @@ def project_adam(
         projector.stride(0), projector.stride(1), g_oriented.stride(0), g_oriented.stride(1),
         beta1, beta2, eps, scale,
         QUANTIZED=quantized, QBLOCK=BLOCK_SIZE, UPCAST=upcast_dot(projector.dtype, g_oriented.dtype),
+        SOFT_BF16=interpreting(),
         **cfg,
     )
     return out
