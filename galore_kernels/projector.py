@@ -51,6 +51,14 @@ def effective_rank(rank: int, shape: tuple[int, int]) -> int:
     return min(int(rank), *shape)
 
 
+def _check_refresh_args(grad_2d: torch.Tensor, rank: int, oversample: int, power_iters: int) -> None:
+    if grad_2d.dim() != 2:
+        raise ValueError(f"expected a 2-D gradient, got shape {tuple(grad_2d.shape)}")
+    for name, value, minimum in (("rank", rank, 1), ("oversample", oversample, 0), ("power_iters", power_iters, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
 def is_refresh_step(step: int, update_proj_gap: int) -> bool:
     """Whether the projector is recomputed before projecting the gradient of step ``step`` (0-based)."""
     return step % update_proj_gap == 0
@@ -129,8 +137,7 @@ def compute_projector(
     >>> b.shape, bool(torch.allclose(b @ b.T, torch.eye(8), atol=1e-5))
     (torch.Size([8, 32]), True)
     """
-    if grad_2d.dim() != 2:
-        raise ValueError(f"expected a 2-D gradient, got shape {tuple(grad_2d.shape)}")
+    _check_refresh_args(grad_2d, rank, oversample, power_iters)
     if side not in SIDES:
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
     r = effective_rank(rank, tuple(grad_2d.shape))
@@ -158,8 +165,7 @@ def compute_full_projectors(
 
     Both come from one (exact or randomized) SVD of G, so they are consistent with each other.
     """
-    if grad_2d.dim() != 2:
-        raise ValueError(f"expected a 2-D gradient, got shape {tuple(grad_2d.shape)}")
+    _check_refresh_args(grad_2d, rank, oversample, power_iters)
     r = effective_rank(rank, tuple(grad_2d.shape))
     g = grad_2d.float()
     if method == "exact":

@@ -13,8 +13,8 @@ from galore_kernels.projector import gaussian_sketch as reference_sketch
 from galore_kernels.reference import AdamHyper
 from galore_kernels.rng import sketch_seed
 from galore_kernels.state import init_state
-from kernel_cases import DEVICE, DTYPES, SHAPES, assert_same_rounding, codes_agree, tolerance
-from tolerances import ABSMAX_8BIT, FP32_INTERPRETER, rel_err
+from kernel_cases import DEVICE, DTYPES, SHAPES, codes_agree, tolerance
+from tolerances import ABSMAX_8BIT, FP32_INTERPRETER, assert_same_rounding, rel_err
 
 HYPER = AdamHyper(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.1)
 

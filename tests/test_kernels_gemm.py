@@ -12,8 +12,8 @@ from galore_kernels.kernels.project_adam import project_adam
 from galore_kernels.projector import compute_projector, oriented, resolve_side
 from galore_kernels.reference import AdamHyper
 from galore_kernels.state import init_state
-from kernel_cases import DEVICE, DTYPES, SHAPES, assert_same_rounding, codes_agree, ranks_for, seed_of, tolerance
-from tolerances import ABSMAX_8BIT, rel_err
+from kernel_cases import DEVICE, DTYPES, SHAPES, codes_agree, ranks_for, seed_of, tolerance
+from tolerances import ABSMAX_8BIT, assert_same_rounding, rel_err
 
 HYPER = AdamHyper(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.1)
 SCALE = 0.7

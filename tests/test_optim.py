@@ -406,3 +406,84 @@ def test_checkpoint_moves_between_cpu_and_cuda(cls):
     _run(opt_cuda, cuda_params, 3, start=4)
     for name, p in params.items():
         torch.testing.assert_close(cuda_params[name].cpu(), p, rtol=1e-3, atol=1e-4)
+
+
+def test_raise_mode_changes_nothing_when_a_later_parameter_is_bad():
+    a, b = torch.nn.Parameter(torch.randn(8, 8)), torch.nn.Parameter(torch.randn(8, 8))
+    opt = GaLoreAdamW([{"params": [a, b], "rank": 2}], nonfinite="raise")
+    a.grad, b.grad = torch.randn(8, 8), torch.full((8, 8), float("nan"))
+    before = a.detach().clone()
+    with pytest.raises(RuntimeError, match="NaN or Inf"):
+        opt.step()
+    assert torch.equal(a, before)
+    assert all(s.get("step", 0) == 0 for s in opt.state.values())
+
+
+@pytest.mark.parametrize("cls, kwargs", OPTIMIZERS)
+def test_huge_finite_gradient_is_skipped_not_poisoning_state(cls, kwargs):
+    # Squared, 1e22 overflows fp32: Adam's second moment would become Inf and 8-bit state NaN.
+    params, groups = _zoo()
+    opt = cls(groups, lr=1e-2, **kwargs)
+    _run(opt, params, 2)
+    wide = params["wide"]
+    before = wide.detach().clone()
+    grads = _grads(params, 2)
+    grads["wide"][0, 0] = 1e22
+    for name, g in grads.items():
+        params[name].grad = g
+    with pytest.warns(RuntimeWarning, match="norm of at least 2"):
+        opt.step()
+    assert torch.equal(wide, before) and opt.state[wide]["nonfinite_skips"] == 1
+    _run(opt, params, 3, start=3)
+    for p in params.values():
+        assert torch.isfinite(p).all()
+    for state in opt.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                assert torch.isfinite(value).all()
+
+
+def test_load_state_dict_fills_galore_torch_groups_and_checks_them():
+    params, groups = _zoo()
+    opt = GaLoreAdamW(groups, lr=1e-2)
+    _run(opt, params, 2)
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        for key in ("svd", "svd_oversample", "svd_power_iters"):
+            group.pop(key, None)  # as galore-torch writes them
+    fresh = GaLoreAdamW(_zoo()[1], lr=1e-2)
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[1]["svd"] == "randomized"
+    bad = opt.state_dict()
+    bad["param_groups"][1]["rank"] = 0
+    with pytest.raises(ValueError, match="rank must be an int >= 1"):
+        fresh.load_state_dict(bad)
+
+
+def test_load_state_dict_rejects_state_that_does_not_fit_and_changes_nothing():
+    params, groups = _zoo()
+    opt = GaLoreAdamW(groups, lr=1e-2)
+    _run(opt, params, 2)
+    other_params, other_groups = _zoo()
+    target = GaLoreAdamW8bit(other_groups, lr=1e-2, min_8bit_size=64)
+    _run(target, other_params, 1)
+    snapshot = {id(p): dict(s) for p, s in target.state.items()}
+    with pytest.raises(ValueError, match="saved by the other optimizer class"):
+        target.load_state_dict(opt.state_dict())
+    assert {id(p): dict(s) for p, s in target.state.items()}.keys() == snapshot.keys()
+    assert target.state[other_params["wide"]]["step"] == 1
+    swapped = opt.state_dict()
+    state = swapped["state"]
+    state[1], state[3] = state[3], state[1]  # "wide" and "conv" states exchanged
+    with pytest.raises(ValueError, match=r"state of parameter 1 \(shape \(24, 40\)\)"):
+        GaLoreAdamW(_zoo()[1], lr=1e-2).load_state_dict(swapped)
+
+
+def test_tensor_lr_and_numpy_rank_are_accepted():
+    import numpy as np
+
+    w = torch.nn.Parameter(torch.randn(8, 6))
+    opt = GaLoreAdamW([{"params": [w], "rank": np.int64(2)}], lr=torch.tensor(1e-2))
+    w.grad = torch.randn(8, 6)
+    opt.step()
+    assert opt.state[w]["projector"].shape == (2, 6) and type(opt.param_groups[0]["rank"]) is int

@@ -146,3 +146,17 @@ def test_full_projectors_are_consistent(method):
     core = left.double() @ g.double() @ right.double().T
     sigma = torch.linalg.svdvals(g.double())
     assert core.square().sum() >= 0.99 * sigma[:10].square().sum()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"rank": 0}, "rank must be an int >= 1"), ({"rank": -1}, "rank must be an int >= 1"),
+     ({"oversample": -6}, "oversample must be an int >= 0"), ({"power_iters": -1}, "power_iters must be an int >= 0")],
+)
+def test_compute_projector_rejects_bad_arguments(kwargs, message):
+    args = {"rank": 8, **kwargs}
+    rank = args.pop("rank")
+    with pytest.raises(ValueError, match=message):
+        compute_projector(torch.randn(20, 30), rank, "left", **args)
+    with pytest.raises(ValueError, match=message):
+        compute_full_projectors(torch.randn(20, 30), rank, **args)

@@ -8,7 +8,7 @@ import torch
 
 from galore_kernels.reference import AdamHyper, GaLoreConfig, adamw_step, galore_adamw_step
 from galore_kernels.state import init_state
-from tolerances import BF16_OPERANDS, FP32_INTERPRETER, rel_err
+from tolerances import BF16_OPERANDS, FP32_INTERPRETER, assert_same_rounding, rel_err
 
 HYPER = AdamHyper(lr=3e-2, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.1)
 
@@ -70,7 +70,11 @@ def test_galore_step_matches_float64(dtype, shape, proj_type, svd):
     assert w.dtype == dtype
     assert rel_err(state["exp_avg"], oracle.m) <= tol
     assert rel_err(state["exp_avg_sq"], oracle.v) <= tol
-    assert rel_err(w, w64) <= tol
+    if dtype == torch.float32:
+        assert rel_err(w, w64) <= tol
+    else:
+        # A 16-bit weight moves by a few ulps per step: compare ulps, not the norm of the whole weight.
+        assert_same_rounding(w, w64.to(dtype))
     assert state["step"] == 7
 
 

@@ -24,16 +24,18 @@ def _sketch_kernel(
     pid_n = tl.program_id(1).to(tl.int64)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    ks = tl.arange(0, BLOCK_K).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, k, BLOCK_K):
         kk = k0 + ks
         g = tl.load(
-            g_ptr + rows[:, None] * stride_gd + kk[None, :] * stride_gk,
+            g_ptr + rows[:, None] * stride_gd + kk[None, :].to(tl.int64) * stride_gk,
             mask=(rows[:, None] < d) & (kk[None, :] < k), other=0.0,
         ).to(tl.float32)
         # Rows of Ω past k meet zero columns of g, so they need no mask; columns past width are cut at the store.
-        omega = tl.randn(seed, kk[:, None] * width + cols[None, :])
+        # int32 counters (the launcher checks k·width < 2^31): Triton versions differ in how tl.randn
+        # splits int64 offsets, but all agree with the reference's (offset, 0) counter for int32 ones.
+        omega = tl.randn(seed, kk[:, None] * width + cols[None, :].to(tl.int32))
         acc = tl.dot(g, omega, acc)
     tl.store(y_ptr + rows[:, None] * width + cols[None, :], acc, mask=(rows[:, None] < d) & (cols[None, :] < width))
 
@@ -46,6 +48,8 @@ def config(d: int, width: int) -> dict[str, int]:
 def gaussian_sketch(g: torch.Tensor, seed: int, width: int) -> torch.Tensor:
     """Y = g·Ω (d × width, fp32) for g (d × k, any strides and float dtype); equals the reference's."""
     d, k = g.shape
+    if k * width >= 2**31:
+        raise ValueError(f"sketch of {k} × {width} needs 64-bit counters; the kernel supports k·width < 2^31")
     y = torch.empty((d, width), dtype=torch.float32, device=g.device)
     if y.numel() == 0:
         return y

@@ -7,8 +7,10 @@ state exists, so bad input never reaches weights or optimizer state.
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any
+
+import torch
 
 from ..projector import PROJ_TYPES, SVD_METHODS
 
@@ -27,13 +29,16 @@ NONFINITE_MODES = ("skip", "raise")
 
 
 def _real(name: str, value: Any) -> float:
+    # 0-dim tensors are accepted where torch.optim accepts them (a tensor lr, for instance).
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
         raise ValueError(f"{name} must be a finite real number, got {value!r}")
     return float(value)
 
 
 def _int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
@@ -60,6 +65,7 @@ def check_group(group: dict[str, Any]) -> None:
     for key, default in GALORE_DEFAULTS.items():
         group.setdefault(key, default)
     _int("rank", group["rank"], 1)
+    group["rank"] = int(group["rank"])  # numpy ints become plain ints, which checkpoints keep as they are
     _int("update_proj_gap", group["update_proj_gap"], 1)
     if _real("scale", group["scale"]) <= 0.0:
         raise ValueError(f"scale must be > 0, got {group['scale']!r}")
