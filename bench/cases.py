@@ -13,13 +13,19 @@ REFRESH_SHAPES = [(1024, 2816, 128), (2048, 2048, 256), (2048, 5632, 256)]
 STEP_SHAPES = [(1024, 1024, 128), (1024, 2816, 128), (2816, 1024, 128), (2048, 5632, 256)]
 
 
-def power_law_gradient(m: int, n: int, seed: int = 0, exponent: float = -0.5) -> torch.Tensor:
-    """A gradient-like matrix with singular values σ_i ∝ i^exponent (slow decay: a hard case)."""
+def power_law_gradient(
+    m: int, n: int, seed: int = 0, exponent: float = -0.5, device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """A gradient-like fp32 matrix with singular values σ_i ∝ i^exponent (slow decay: a hard case).
+
+    The random factors are drawn on the CPU (the same numbers on every machine) and orthonormalized on
+    ``device``.
+    """
     gen = torch.Generator().manual_seed(seed)
     k = min(m, n)
-    u = torch.linalg.qr(torch.randn(m, k, generator=gen)).Q
-    v = torch.linalg.qr(torch.randn(n, k, generator=gen)).Q
-    sigma = torch.arange(1, k + 1, dtype=torch.float32) ** exponent
+    u = torch.linalg.qr(torch.randn(m, k, generator=gen).to(device)).Q
+    v = torch.linalg.qr(torch.randn(n, k, generator=gen).to(device)).Q
+    sigma = torch.arange(1, k + 1, dtype=torch.float32, device=device) ** exponent
     return (u * sigma) @ v.T
 
 
