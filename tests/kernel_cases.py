@@ -44,3 +44,13 @@ def seed_of(*key) -> int:
     import zlib
 
     return zlib.crc32(repr(key).encode())
+
+
+def power_law_matrix(m: int, n: int, exponent: float, seed: int):
+    """(G, σ): an m × n fp32 matrix with singular values σ_i = i^exponent and random singular vectors."""
+    gen = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    u = torch.linalg.qr(torch.randn(m, k, generator=gen)).Q
+    v = torch.linalg.qr(torch.randn(n, k, generator=gen)).Q
+    sigma = torch.arange(1, k + 1, dtype=torch.float32) ** exponent
+    return (u * sigma) @ v.T, sigma

@@ -9,20 +9,12 @@ from galore_kernels.projector import (
     oriented,
     resolve_side,
 )
+from kernel_cases import power_law_matrix
 
 
 def _orthonormality_error(b: torch.Tensor) -> float:
     b = b.double()
     return (b @ b.T - torch.eye(b.shape[0], dtype=torch.float64)).abs().max().item()
-
-
-def _power_law_matrix(m: int, n: int, exponent: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    k = min(m, n)
-    u = torch.linalg.qr(torch.randn(m, k, generator=g)).Q
-    v = torch.linalg.qr(torch.randn(n, k, generator=g)).Q
-    sigma = torch.arange(1, k + 1, dtype=torch.float32) ** exponent
-    return (u * sigma) @ v.T, sigma
 
 
 @pytest.mark.parametrize(
@@ -77,7 +69,7 @@ def test_exact_follows_galore_torch_convention(side):
 
 def test_randomized_energy_on_slow_spectrum():
     """Issue 2: ≥ 0.99 of the exact top-r energy on 1024×2816, σ_i ∝ i^-0.5, r = 128, defaults p=8, q=2."""
-    g, sigma = _power_law_matrix(1024, 2816, -0.5, seed=0)
+    g, sigma = power_law_matrix(1024, 2816, -0.5, seed=0)
     rank = 128
     exact_energy = sigma[:rank].double().square().sum().item()
     for seed in range(3):
@@ -99,7 +91,7 @@ def test_randomized_is_deterministic_per_seed():
 @pytest.mark.parametrize("shape, rank", [((67, 300), 5), ((300, 67), 67), ((1, 513), 1), ((40, 40), 40)])
 def test_randomized_matches_exact_subspace_on_low_rank_input(side, shape, rank):
     # A matrix of rank ≤ r has an exactly recoverable top-r subspace: both methods must find it.
-    g, _ = _power_law_matrix(*shape, -1.0, seed=3)
+    g, _ = power_law_matrix(*shape, -1.0, seed=3)
     d = shape[0] if side == "left" else shape[1]
     r = min(rank, *shape)
     u, s, vh = torch.linalg.svd(g, full_matrices=False)
@@ -129,7 +121,7 @@ def test_degenerate_gradients_give_orthonormal_projectors(method, kind):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_input_accumulates_in_fp32(dtype):
-    g, _ = _power_law_matrix(64, 96, -1.0, seed=2)
+    g, _ = power_law_matrix(64, 96, -1.0, seed=2)
     b16 = compute_projector(g.to(dtype), 8, "left", seed=0)
     b32 = compute_projector(g.to(dtype).float(), 8, "left", seed=0)
     assert b16.dtype == torch.float32
@@ -138,7 +130,7 @@ def test_half_precision_input_accumulates_in_fp32(dtype):
 
 @pytest.mark.parametrize("method", ["randomized", "exact"])
 def test_full_projectors_are_consistent(method):
-    g, _ = _power_law_matrix(48, 80, -1.0, seed=6)
+    g, _ = power_law_matrix(48, 80, -1.0, seed=6)
     left, right = compute_full_projectors(g, 10, method=method, seed=2)
     assert left.shape == (10, 48) and right.shape == (10, 80)
     assert _orthonormality_error(left) <= 1e-5 and _orthonormality_error(right) <= 1e-5
