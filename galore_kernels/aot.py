@@ -64,6 +64,7 @@ def launches() -> list[Launch]:
     """The distinct configurations the launchers pick over the Llama shapes, ranks and dtypes."""
     from .kernels import adamw_elementwise
     from .kernels.quant_blockwise import ROWS_PER_PROGRAM
+    from .kernels.runtime import dot_precision
     from .projector import resolve_side
     from .quant import BLOCK_SIZE
 
@@ -93,7 +94,7 @@ def launches() -> list[Launch]:
                              ("stride_gd", n if side == "left" else 1), ("stride_gk", 1 if side == "left" else n),
                              ("beta1", 0.9), ("beta2", 0.999), ("eps", 1e-8), ("scale", 0.25)),
                             (("QUANTIZED", quantized), ("QBLOCK", BLOCK_SIZE), ("UPCAST", False), ("SOFT_BF16", False),
-                             ("BLOCK_R", cfg["BLOCK_R"]), ("BLOCK_K", cfg["BLOCK_K"]), ("BLOCK_D", cfg["BLOCK_D"])),
+                             ("DOT_PRECISION", dot_precision(wdt)), ("BLOCK_R", cfg["BLOCK_R"]), ("BLOCK_K", cfg["BLOCK_K"]), ("BLOCK_D", cfg["BLOCK_D"])),
                             cfg["num_warps"],
                         ))
                     cfg = kernels["B backproject_update"][1](m, n)
@@ -103,7 +104,8 @@ def launches() -> list[Launch]:
                         (("p_ptr", wdt), ("q_ptr", wdt), ("w_ptr", wdt), ("r", rank), ("m", m), ("n", n),
                          ("stride_pr", p_stride[0]), ("stride_pm", 1), ("stride_qr", n), ("stride_qn", 1),
                          ("stride_wm", n), ("stride_wn", 1), ("decay", 1.0), ("step_size", 1e-3)),
-                        (("UPCAST", False), ("SOFT_BF16", False), ("BLOCK_M", cfg["BLOCK_M"]),
+                        (("UPCAST", False), ("SOFT_BF16", False), ("DOT_PRECISION", dot_precision(wdt)),
+                         ("BLOCK_M", cfg["BLOCK_M"]),
                          ("BLOCK_N", cfg["BLOCK_N"]), ("BLOCK_R", cfg["BLOCK_R"])),
                         cfg["num_warps"],
                     ))
@@ -113,7 +115,8 @@ def launches() -> list[Launch]:
                         "D sketch",
                         (("g_ptr", wdt), ("y_ptr", f32), ("d", d), ("k", k), ("width", width), ("seed", 2**40 + 7),
                          ("stride_gd", n if side == "left" else 1), ("stride_gk", 1 if side == "left" else n)),
-                        (("BLOCK_M", cfg["BLOCK_M"]), ("BLOCK_N", cfg["BLOCK_N"]), ("BLOCK_K", cfg["BLOCK_K"])),
+                        (("DOT_PRECISION", dot_precision(f32)), ("BLOCK_M", cfg["BLOCK_M"]),
+                         ("BLOCK_N", cfg["BLOCK_N"]), ("BLOCK_K", cfg["BLOCK_K"])),
                         cfg["num_warps"],
                     ))
     for wdt in WEIGHT_DTYPES:
@@ -179,17 +182,34 @@ def launch_constexpr_names(launch: Launch) -> list[str]:
     return [name for name, _ in launch.constexprs]
 
 
-def _resource_usage(cubin: bytes, workdir: Path) -> tuple[int, int]:
-    """(registers, local-memory bytes) from cuobjdump -res-usage; local memory > 0 means spills."""
+def _resource_usage(ptx: str, arch: int, workdir: Path) -> tuple[int, int]:
+    """(registers, spill bytes) from ``ptxas -v`` on the kernel's PTX, with Triton's bundled ptxas.
+
+    Spills are what ptxas reports as spill stores plus spill loads; ``cuobjdump -res-usage`` shows them
+    only folded into STACK, next to a LOCAL that stays 0. Triton 3.9 writes PTX 9.x for sm_90, which
+    only its newer ptxas (``ptxas-blackwell``) reads, so each is tried in turn.
+    """
     import triton
 
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    path = workdir / "kernel.cubin"
-    path.write_bytes(cubin)
-    text = subprocess.run([str(tool), "-res-usage", str(path)], capture_output=True, text=True, check=True).stdout
-    regs = int(re.search(r"REG:(\d+)", text).group(1))
-    local = int(re.search(r"LOCAL:(\d+)", text).group(1))
-    return regs, local
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    source = workdir / "kernel.ptx"
+    source.write_text(ptx)
+    gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
+    errors = []
+    for tool in ("ptxas", "ptxas-blackwell"):
+        if not (bin_dir / tool).exists():
+            continue
+        result = subprocess.run(
+            [str(bin_dir / tool), "-v", f"--gpu-name={gpu}", str(source), "-o", str(workdir / "kernel.o")],
+            capture_output=True, text=True,
+        )
+        log = result.stdout + result.stderr
+        if result.returncode == 0:
+            regs = int(re.search(r"Used (\d+) registers", log).group(1))
+            spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+            return regs, int(spills.group(1)) + int(spills.group(2))
+        errors.append(log.strip().splitlines()[-1] if log.strip() else f"{tool} exit {result.returncode}")
+    raise RuntimeError("no bundled ptxas could assemble the PTX: " + "; ".join(errors))
 
 
 def report(arch: int, workdir: Path) -> bool:
@@ -200,7 +220,7 @@ def report(arch: int, workdir: Path) -> bool:
     target = GPUTarget("cuda", arch, 32)
     tensor_core = "wgmma" if arch == 90 else "mma.sync"
     print(f"## sm_{arch} (triton {triton.__version__}; shared-memory limit {SHARED_LIMIT[arch]} bytes)")
-    print("| kernel | configuration | regs | spill bytes | shared bytes | tensor cores | status |")
+    print("| kernel | configuration | regs | spill bytes (stores + loads) | shared bytes | tensor cores | status |")
     print("|---|---|---|---|---|---|---|")
     ok = True
     for launch in launches():
@@ -214,7 +234,7 @@ def report(arch: int, workdir: Path) -> bool:
             print(f"| {launch.kernel} | {launch.label()} | - | - | - | - | FAILED: {type(error).__name__}: "
                   f"{str(error).splitlines()[0][:120]} |")
             continue
-        regs, spill = _resource_usage(compiled.asm["cubin"], workdir)
+        regs, spill = _resource_usage(compiled.asm["ptx"], arch, workdir)
         shared = compiled.metadata.shared
         gemm = launch.kernel[0] in "ABD"
         uses_tc = tensor_core in compiled.asm["ptx"]

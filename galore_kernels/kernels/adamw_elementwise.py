@@ -8,6 +8,7 @@ elements for 8-bit moments (one absmax, bitsandbytes' flat layout), 1024 for fp3
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ import triton.language as tl
 from ..quant import BLOCK_SIZE
 from .codebook import code_tables, dequantize_rows, quantize_rows
 from .rounding import round_to
-from .runtime import interpreting
+from .runtime import interpreting, on_device
 
 FP32_BLOCK = 1024
 
@@ -79,6 +80,16 @@ def _adamw_kernel(
         tl.store(v_ptr + offs, v, mask=mask)
 
 
+@functools.lru_cache(maxsize=64)
+def _block_map(numels: tuple[int, ...], block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tensor of each program, block of each program) for tensors of these sizes, built on the host
+    once per set of sizes: a parameter group's sizes do not change between steps."""
+    counts = torch.tensor([triton.cdiv(n, block) for n in numels], dtype=torch.int64)
+    block_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), counts)
+    block_index = torch.cat([torch.arange(c, dtype=torch.int32) for c in counts.tolist()])
+    return block_tensor.to(device), block_index.to(device)
+
+
 def adamw_multi_tensor(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -94,6 +105,8 @@ def adamw_multi_tensor(
 
     Parameters must be contiguous; gradients are made contiguous if they are not. Moments are updated
     in place in the states' own layout (param-shaped fp32, or (1, numel) codes with (1, blocks) absmax).
+    Per step the host sends one table of addresses and sizes and one of step sizes; nothing waits on
+    the GPU.
     """
     if not params:
         return
@@ -101,32 +114,28 @@ def adamw_multi_tensor(
     quantized = "exp_avg_absmax" in states[0]
     block = BLOCK_SIZE if quantized else FP32_BLOCK
     grads = [g.contiguous() for g in grads]  # keeps the references alive until the launch is queued
-
-    def addresses(tensors: list[torch.Tensor]) -> torch.Tensor:
-        return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
-
-    numels = [p.numel() for p in params]
-    blocks_per_tensor = [triton.cdiv(n, block) for n in numels]
-    counts = torch.tensor(blocks_per_tensor, device=device)
-    block_tensor = torch.repeat_interleave(torch.arange(len(params), device=device, dtype=torch.int32), counts)
-    starts = torch.cumsum(counts, 0) - counts
-    block_index = (torch.arange(block_tensor.numel(), device=device) - starts[block_tensor.long()]).to(torch.int32)
     m_states = [s["exp_avg"] for s in states]
     v_states = [s["exp_avg_sq"] for s in states]
-    absmax_tables = (
-        (addresses([s["exp_avg_absmax"] for s in states]), addresses([s["exp_avg_sq_absmax"] for s in states]))
-        if quantized
-        else (counts, counts)  # unused
-    )
+    columns = [params, grads, m_states, v_states]
+    if quantized:
+        columns += [[s["exp_avg_absmax"] for s in states], [s["exp_avg_sq_absmax"] for s in states]]
+    else:
+        columns += [params, params]  # unused by the fp32 kernel
+    numels = tuple(p.numel() for p in params)
+    host_table = torch.tensor([[t.data_ptr() for t in column] for column in columns] + [list(numels)], dtype=torch.int64)
+    table = host_table.to(device)
+    block_tensor, block_index = _block_map(numels, block, device)
+    if block_tensor.numel() == 0:
+        return
     signed_map, signed_mids = code_tables(True, device)
     unsigned_map, unsigned_mids = code_tables(False, device)
-    _adamw_kernel[(block_tensor.numel(),)](
-        addresses(params), addresses(grads), addresses(m_states), addresses(v_states), *absmax_tables,
-        torch.tensor(numels, dtype=torch.int64, device=device),
-        torch.tensor(step_sizes, dtype=torch.float32, device=device),
-        block_tensor, block_index,
-        params[0], grads[0], m_states[0],
-        signed_map, signed_mids, unsigned_map, unsigned_mids,
-        beta1, beta2, eps, decay,
-        QUANTIZED=quantized, SOFT_BF16=interpreting(), BLOCK=block,
-    )
+    with on_device(params[0]):
+        _adamw_kernel[(block_tensor.numel(),)](
+            *table,
+            torch.tensor(step_sizes, dtype=torch.float32).to(device),
+            block_tensor, block_index,
+            params[0], grads[0], m_states[0],
+            signed_map, signed_mids, unsigned_map, unsigned_mids,
+            beta1, beta2, eps, decay,
+            QUANTIZED=quantized, SOFT_BF16=interpreting(), BLOCK=block,
+        )

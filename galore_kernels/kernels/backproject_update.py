@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from .rounding import round_to
-from .runtime import interpreting, upcast_dot
+from .runtime import dot_precision, interpreting, on_device, upcast_dot
 
 
 @triton.jit
@@ -21,7 +21,7 @@ def _backproject_update_kernel(
     r, m, n,
     stride_pr, stride_pm, stride_qr, stride_qn, stride_wm, stride_wn,
     decay, step_size,
-    UPCAST: tl.constexpr, SOFT_BF16: tl.constexpr,
+    UPCAST: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
@@ -48,7 +48,7 @@ def _backproject_update_kernel(
         if UPCAST:
             p_t = p_t.to(tl.float32)
             q = q.to(tl.float32)
-        acc = tl.dot(p_t, q, acc)
+        acc = tl.dot(p_t, q, acc, input_precision=DOT_PRECISION)
 
     mask = row_ok[:, None] & col_ok[None, :]
     w_ptrs = w_ptr + rows[:, None] * stride_wm + cols[None, :] * stride_wn
@@ -84,13 +84,16 @@ def backproject_update(
     if p.shape != (r, m) or q.shape != (r, n):
         raise ValueError(f"shapes do not compose: P {tuple(p.shape)}, Q {tuple(q.shape)}, W {(m, n)}")
     cfg = config(m, n)
+    upcast = upcast_dot(p.dtype, q.dtype)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
-    _backproject_update_kernel[grid](
-        p, q, weight,
-        r, m, n,
-        p.stride(0), p.stride(1), q.stride(0), q.stride(1), weight.stride(0), weight.stride(1),
-        decay, step_size,
-        UPCAST=upcast_dot(p.dtype, q.dtype),
-        SOFT_BF16=interpreting(),
-        **cfg,
-    )
+    with on_device(weight):
+        _backproject_update_kernel[grid](
+            p, q, weight,
+            r, m, n,
+            p.stride(0), p.stride(1), q.stride(0), q.stride(1), weight.stride(0), weight.stride(1),
+            decay, step_size,
+            UPCAST=upcast,
+            SOFT_BF16=interpreting(),
+            DOT_PRECISION=dot_precision(torch.float32 if upcast else p.dtype),
+            **cfg,
+        )

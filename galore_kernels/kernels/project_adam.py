@@ -18,7 +18,7 @@ import triton.language as tl
 from ..quant import BLOCK_SIZE
 from .codebook import code_tables, dequantize_rows, quantize_rows
 from .rounding import round_to
-from .runtime import interpreting, upcast_dot
+from .runtime import dot_precision, interpreting, on_device, upcast_dot
 
 
 @triton.jit
@@ -29,7 +29,7 @@ def _project_adam_kernel(
     r, d, k, n_blocks,
     stride_br, stride_bd, stride_gd, stride_gk,
     beta1, beta2, eps, scale,
-    QUANTIZED: tl.constexpr, QBLOCK: tl.constexpr, UPCAST: tl.constexpr, SOFT_BF16: tl.constexpr,
+    QUANTIZED: tl.constexpr, QBLOCK: tl.constexpr, UPCAST: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_r = tl.program_id(0).to(tl.int64)
@@ -54,7 +54,7 @@ def _project_adam_kernel(
         if UPCAST:
             b = b.to(tl.float32)
             g = g.to(tl.float32)
-        acc = tl.dot(b, g, acc)
+        acc = tl.dot(b, g, acc, input_precision=DOT_PRECISION)
 
     mask = row_ok[:, None] & col_ok[None, :]
     offs = rows[:, None] * k + cols[None, :]
@@ -92,10 +92,16 @@ def _project_adam_kernel(
 
 
 def config(r: int, k: int, quantized: bool) -> dict[str, int]:
-    """Tile sizes and warps for an (r × k) moment tensor; an 8-bit tile spans whole 256-column blocks."""
+    """Tile sizes and warps for an (r × k) moment tensor; an 8-bit tile spans whole 256-column blocks.
+
+    The 8-bit epilogue holds codes, both moments and the accumulator at once: a 64 × 256 tile spilled
+    864–2604 bytes per thread at 255 registers (ptxas -v, sm_80 and sm_90, fp32 and bf16), while
+    32 × 256 on 8 warps needs 199–236 registers and spills nothing (python -m galore_kernels.aot).
+    """
+    if quantized:
+        return {"BLOCK_R": 16 if r <= 16 else 32, "BLOCK_K": BLOCK_SIZE, "BLOCK_D": 32, "num_warps": 8}
     block_r = 16 if r <= 16 else 32 if r <= 32 else 64
-    block_k = BLOCK_SIZE if quantized else 128
-    return {"BLOCK_R": block_r, "BLOCK_K": block_k, "BLOCK_D": 32, "num_warps": 8 if block_r * block_k >= 8192 else 4}
+    return {"BLOCK_R": block_r, "BLOCK_K": 128, "BLOCK_D": 32, "num_warps": 8 if block_r == 64 else 4}
 
 
 def project_adam(
@@ -125,16 +131,18 @@ def project_adam(
     m_absmax = state.get("exp_avg_absmax", out)  # any tensor: unused when not quantized
     v_absmax = state.get("exp_avg_sq_absmax", out)
     cfg = config(r, k, quantized)
+    upcast = upcast_dot(projector.dtype, g_oriented.dtype)
     grid = (triton.cdiv(r, cfg["BLOCK_R"]), triton.cdiv(k, cfg["BLOCK_K"]))
-    _project_adam_kernel[grid](
-        projector, g_oriented, out,
-        state["exp_avg"], state["exp_avg_sq"], m_absmax, v_absmax,
-        signed_map, signed_mids, unsigned_map, unsigned_mids,
-        r, d, k, n_blocks,
-        projector.stride(0), projector.stride(1), g_oriented.stride(0), g_oriented.stride(1),
-        beta1, beta2, eps, scale,
-        QUANTIZED=quantized, QBLOCK=BLOCK_SIZE, UPCAST=upcast_dot(projector.dtype, g_oriented.dtype),
-        SOFT_BF16=interpreting(),
-        **cfg,
-    )
+    with on_device(projector):
+        _project_adam_kernel[grid](
+            projector, g_oriented, out,
+            state["exp_avg"], state["exp_avg_sq"], m_absmax, v_absmax,
+            signed_map, signed_mids, unsigned_map, unsigned_mids,
+            r, d, k, n_blocks,
+            projector.stride(0), projector.stride(1), g_oriented.stride(0), g_oriented.stride(1),
+            beta1, beta2, eps, scale,
+            QUANTIZED=quantized, QBLOCK=BLOCK_SIZE, UPCAST=upcast, SOFT_BF16=interpreting(),
+            DOT_PRECISION=dot_precision(torch.float32 if upcast else projector.dtype),
+            **cfg,
+        )
     return out

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from ..quant import BLOCK_SIZE
+from .runtime import on_device
 from .codebook import code_tables, dequantize_rows, quantize_rows
 
 ROWS_PER_PROGRAM = 4
@@ -62,10 +63,11 @@ def quantize_blockwise(x: torch.Tensor, *, signed: bool) -> tuple[torch.Tensor, 
         return codes, absmax.zero_()
     _, mids = code_tables(signed, x.device)
     grid = (triton.cdiv(rows, ROWS_PER_PROGRAM), n_blocks)
-    _quantize_kernel[grid](
-        x, codes, absmax, mids, rows, k, x.stride(0), x.stride(1), n_blocks,
-        BLOCK=BLOCK_SIZE, ROWS=ROWS_PER_PROGRAM,
-    )
+    with on_device(x):
+        _quantize_kernel[grid](
+            x, codes, absmax, mids, rows, k, x.stride(0), x.stride(1), n_blocks,
+            BLOCK=BLOCK_SIZE, ROWS=ROWS_PER_PROGRAM,
+        )
     return codes, absmax
 
 
@@ -83,8 +85,9 @@ def dequantize_blockwise(codes: torch.Tensor, absmax: torch.Tensor, *, signed: b
         return out
     code_map, _ = code_tables(signed, codes.device)
     grid = (triton.cdiv(rows, ROWS_PER_PROGRAM), n_blocks)
-    _dequantize_kernel[grid](
-        codes.contiguous(), absmax.contiguous(), out, code_map, rows, k, n_blocks,
-        BLOCK=BLOCK_SIZE, ROWS=ROWS_PER_PROGRAM,
-    )
+    with on_device(codes):
+        _dequantize_kernel[grid](
+            codes.contiguous(), absmax.contiguous(), out, code_map, rows, k, n_blocks,
+            BLOCK=BLOCK_SIZE, ROWS=ROWS_PER_PROGRAM,
+        )
     return out

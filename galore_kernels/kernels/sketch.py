@@ -12,12 +12,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .runtime import dot_precision, on_device
 
-@triton.jit
+
+# The seed changes with every refresh: keep it a plain runtime argument, never specialized.
+@triton.jit(do_not_specialize=["seed"])
 def _sketch_kernel(
     g_ptr, y_ptr,
     d, k, width, seed,
     stride_gd, stride_gk,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
@@ -36,7 +40,7 @@ def _sketch_kernel(
         # int32 counters (the launcher checks k·width < 2^31): Triton versions differ in how tl.randn
         # splits int64 offsets, but all agree with the reference's (offset, 0) counter for int32 ones.
         omega = tl.randn(seed, kk[:, None] * width + cols[None, :].to(tl.int32))
-        acc = tl.dot(g, omega, acc)
+        acc = tl.dot(g, omega, acc, input_precision=DOT_PRECISION)
     tl.store(y_ptr + rows[:, None] * width + cols[None, :], acc, mask=(rows[:, None] < d) & (cols[None, :] < width))
 
 
@@ -55,5 +59,8 @@ def gaussian_sketch(g: torch.Tensor, seed: int, width: int) -> torch.Tensor:
         return y
     cfg = config(d, width)
     grid = (triton.cdiv(d, cfg["BLOCK_M"]), triton.cdiv(width, cfg["BLOCK_N"]))
-    _sketch_kernel[grid](g, y, d, k, width, seed, g.stride(0), g.stride(1), **cfg)
+    with on_device(g):
+        _sketch_kernel[grid](
+            g, y, d, k, width, seed, g.stride(0), g.stride(1), DOT_PRECISION=dot_precision(torch.float32), **cfg
+        )
     return y
