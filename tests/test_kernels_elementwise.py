@@ -86,9 +86,10 @@ def test_multi_tensor_adamw_matches_reference(dtype, quantize, poisoned_empty):
         else:
             assert_same_rounding(p, rp)
         if "exp_avg_absmax" in s:
-            assert rel_err(s["exp_avg_absmax"].cpu(), rs["exp_avg_absmax"]) <= ABSMAX_8BIT
-            values, _ = reference._load_moments(copy.deepcopy(rs))
-            assert codes_agree(s["exp_avg"].cpu(), rs["exp_avg"], values, rs["exp_avg_absmax"], True)
+            m_values, v_values = reference._load_moments(copy.deepcopy(rs))
+            for name, values, signed in (("exp_avg", m_values, True), ("exp_avg_sq", v_values, False)):
+                assert rel_err(s[f"{name}_absmax"].cpu(), rs[f"{name}_absmax"]) <= ABSMAX_8BIT
+                assert codes_agree(s[name].cpu(), rs[name], values, rs[f"{name}_absmax"], signed)
         else:
             assert rel_err(s["exp_avg"].cpu(), rs["exp_avg"]) <= FP32_INTERPRETER
             assert rel_err(s["exp_avg_sq"].cpu(), rs["exp_avg_sq"]) <= FP32_INTERPRETER

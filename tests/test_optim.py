@@ -30,11 +30,12 @@ def _zoo(dtype=torch.float32, seed=0, device="cpu"):
         "tiny": param(3, 5),  # rank 50 > min(m, n)
         "full": param(12, 20),
         "plain": param(16, 16),  # group without rank
+        "long": param(12, 600),  # left side, moments (8 × 600): rows of three 256-blocks, the last short
     }
     groups = [
         {"params": [params["plain"]]},
         {
-            "params": [params[k] for k in ("wide", "tall", "conv", "bias", "empty")],
+            "params": [params[k] for k in ("wide", "tall", "conv", "bias", "empty", "long")],
             "rank": 8,
             "update_proj_gap": 3,
             "scale": 0.5,
