@@ -65,7 +65,7 @@ def _adamw_kernel(
     m = m * beta1 + g * (1.0 - beta1)
     v = v * beta2 + g * g * (1.0 - beta2)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    w = w * decay - step_size * (m / (tl.sqrt(v) + eps))
+    w = w * decay - step_size * tl.math.div_rn(m, tl.math.sqrt_rn(v) + eps)  # IEEE, as the reference
     tl.store(w_ptr + offs, round_to(w, w_like.dtype.element_ty, SOFT_BF16), mask=mask)
 
     if QUANTIZED:

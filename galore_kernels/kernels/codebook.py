@@ -45,7 +45,10 @@ def quantize_rows(values, mids_ptr, BLOCK: tl.constexpr, ROWS: tl.constexpr, COL
     """
     blocks = tl.reshape(values, (ROWS, COLS // BLOCK, BLOCK))
     absmax = tl.max(tl.abs(blocks), axis=2)
-    inv = 1.0 / tl.where(absmax > 0, absmax, 1.0)
+    # IEEE division, as bitsandbytes' CUDA kernel and the reference do: Triton's "/" is div.full.f32,
+    # ~2 ulp off, enough to move a value across a midpoint and change its code.
+    safe = tl.where(absmax > 0, absmax, 1.0)
+    inv = tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)
     normalized = tl.reshape(blocks * inv[:, :, None], (ROWS, COLS))
     return nearest_code(normalized, mids_ptr).to(tl.uint8), absmax
 

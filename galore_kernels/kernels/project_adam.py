@@ -96,7 +96,9 @@ def _project_adam_kernel(
 
     m = m * beta1 + acc * (1.0 - beta1)
     v = v * beta2 + acc * acc * (1.0 - beta2)
-    n = m / (tl.sqrt(v) + eps) * scale
+    # Round-to-nearest sqrt and division (Triton defaults to sqrt.approx and div.full): N then matches
+    # the reference to fp32 rounding instead of a few ulps.
+    n = tl.math.div_rn(m, tl.math.sqrt_rn(v) + eps) * scale
     tl.store(n_ptr + offs, round_to(n, n_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
 
     if QUANTIZED:
