@@ -94,7 +94,7 @@ def launches() -> list[Launch]:
                              ("stride_gd", n if side == "left" else 1), ("stride_gk", 1 if side == "left" else n),
                              ("beta1", 0.9), ("beta2", 0.999), ("eps", 1e-8), ("scale", 0.25)),
                             (("QUANTIZED", quantized), ("QBLOCK", BLOCK_SIZE), ("UPCAST", False), ("SOFT_BF16", False),
-                             ("DOT_PRECISION", dot_precision(wdt)), ("K_MAJOR", cfg["K_MAJOR"]), ("BLOCK_R", cfg["BLOCK_R"]), ("BLOCK_K", cfg["BLOCK_K"]), ("BLOCK_D", cfg["BLOCK_D"])),
+                             ("DOT_PRECISION", dot_precision(wdt)), ("BLOCK_R", cfg["BLOCK_R"]), ("BLOCK_K", cfg["BLOCK_K"]), ("BLOCK_D", cfg["BLOCK_D"])),
                             cfg["num_warps"],
                         ))
                     cfg = kernels["B backproject_update"][1](m, n)

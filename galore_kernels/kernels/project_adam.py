@@ -1,6 +1,6 @@
 """Kernel A: S = B·G' (fp32 accumulate) with the Adam epilogue, writing N = α·m/(√v + ε).
 
-One program owns a (BLOCK_R × BLOCK_K) tile of S and loops over d. The epilogue loads that tile's
+One program owns a (BLOCK_R × BLOCK_K) tile of S and loops over d, accumulating it k-major. The epilogue loads that tile's
 moments (fp32, or 8-bit codes + absmax dequantized in registers), updates them, writes them back
 (requantized with a fresh absmax per 256-column block: an 8-bit tile spans whole blocks) and writes N.
 G' = G or Gᵀ is read through strides, never copied. Hyper-parameters are runtime arguments, so nothing
@@ -30,7 +30,7 @@ def _project_adam_kernel(
     stride_br, stride_bd, stride_gd, stride_gk,
     beta1, beta2, eps, scale,
     QUANTIZED: tl.constexpr, QBLOCK: tl.constexpr, UPCAST: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    K_MAJOR: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_r = tl.program_id(0).to(tl.int64)
     pid_k = tl.program_id(1).to(tl.int64)
@@ -40,41 +40,25 @@ def _project_adam_kernel(
     row_ok = rows < r
     col_ok = cols < k
 
-    if K_MAJOR:
-        # Sᵀ = G'ᵀ·Bᵀ: the 256-wide k dimension becomes the MMA's M, which Hopper's wgmma needs to be
-        # ≥ 64 per warpgroup, while the tile stays 32 rows of S (the 8-bit epilogue's register budget).
-        acc_t = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
-        for d0 in range(0, d, BLOCK_D):
-            dd = d0 + ds
-            g_t = tl.load(
-                g_ptr + cols[:, None] * stride_gk + dd[None, :] * stride_gd,
-                mask=col_ok[:, None] & (dd[None, :] < d), other=0.0,
-            )
-            b_t = tl.load(
-                b_ptr + dd[:, None] * stride_bd + rows[None, :] * stride_br,
-                mask=(dd[:, None] < d) & row_ok[None, :], other=0.0,
-            )
-            if UPCAST:
-                g_t = g_t.to(tl.float32)
-                b_t = b_t.to(tl.float32)
-            acc_t = tl.dot(g_t, b_t, acc_t, input_precision=DOT_PRECISION)
-        acc = tl.trans(acc_t)
-    else:
-        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-        for d0 in range(0, d, BLOCK_D):
-            dd = d0 + ds
-            b = tl.load(
-                b_ptr + rows[:, None] * stride_br + dd[None, :] * stride_bd,
-                mask=row_ok[:, None] & (dd[None, :] < d), other=0.0,
-            )
-            g = tl.load(
-                g_ptr + dd[:, None] * stride_gd + cols[None, :] * stride_gk,
-                mask=(dd[:, None] < d) & col_ok[None, :], other=0.0,
-            )
-            if UPCAST:
-                b = b.to(tl.float32)
-                g = g.to(tl.float32)
-            acc = tl.dot(b, g, acc, input_precision=DOT_PRECISION)
+    # Sᵀ = G'ᵀ·Bᵀ, k-major: the k dimension (256 wide in the 8-bit tile) is the MMA's M, which Hopper's
+    # wgmma needs to be ≥ 64 per warpgroup, while the tile keeps few rows of S (the 8-bit epilogue's
+    # register budget). One transpose in registers hands the epilogue S's row-major tile.
+    acc_t = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
+    for d0 in range(0, d, BLOCK_D):
+        dd = d0 + ds
+        g_t = tl.load(
+            g_ptr + cols[:, None] * stride_gk + dd[None, :] * stride_gd,
+            mask=col_ok[:, None] & (dd[None, :] < d), other=0.0,
+        )
+        b_t = tl.load(
+            b_ptr + dd[:, None] * stride_bd + rows[None, :] * stride_br,
+            mask=(dd[:, None] < d) & row_ok[None, :], other=0.0,
+        )
+        if UPCAST:
+            g_t = g_t.to(tl.float32)
+            b_t = b_t.to(tl.float32)
+        acc_t = tl.dot(g_t, b_t, acc_t, input_precision=DOT_PRECISION)
+    acc = tl.trans(acc_t)
 
     mask = row_ok[:, None] & col_ok[None, :]
     offs = rows[:, None] * k + cols[None, :]
@@ -113,20 +97,18 @@ def _project_adam_kernel(
         tl.store(v_ptr + offs, v, mask=mask)
 
 
-def config(r: int, k: int, quantized: bool) -> dict[str, int | bool]:
+def config(r: int, k: int, quantized: bool) -> dict[str, int]:
     """Tile sizes and warps for an (r × k) moment tensor; an 8-bit tile spans whole 256-column blocks.
 
     The 8-bit epilogue holds codes, both moments and the accumulator at once: a 64 × 256 tile spilled
     864–2604 bytes per thread at 255 registers (ptxas -v, sm_80 and sm_90, fp32 and bf16), while
     32 × 256 on 8 warps needs 201–240 registers and spills nothing (python -m galore_kernels.aot).
-    With only 32 rows, the product runs k-major (K_MAJOR) so that sm_90 still issues wgmma.
+    With only 32 rows, the product runs k-major so that sm_90 still issues wgmma.
     """
     if quantized:
-        return {"BLOCK_R": 16 if r <= 16 else 32, "BLOCK_K": BLOCK_SIZE, "BLOCK_D": 32, "num_warps": 8,
-                "K_MAJOR": True}
+        return {"BLOCK_R": 16 if r <= 16 else 32, "BLOCK_K": BLOCK_SIZE, "BLOCK_D": 32, "num_warps": 8}
     block_r = 16 if r <= 16 else 32 if r <= 32 else 64
-    return {"BLOCK_R": block_r, "BLOCK_K": 128, "BLOCK_D": 32, "num_warps": 8 if block_r == 64 else 4,
-            "K_MAJOR": False}
+    return {"BLOCK_R": block_r, "BLOCK_K": 128, "BLOCK_D": 32, "num_warps": 8 if block_r == 64 else 4}
 
 
 def project_adam(
