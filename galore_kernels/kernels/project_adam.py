@@ -102,7 +102,7 @@ def config(r: int, k: int, quantized: bool) -> dict[str, int]:
 
     The 8-bit epilogue holds codes, both moments and the accumulator at once: a 64 × 256 tile spilled
     864–2604 bytes per thread at 255 registers (ptxas -v, sm_80 and sm_90, fp32 and bf16), while
-    32 × 256 on 8 warps needs 201–240 registers and spills nothing (python -m galore_kernels.aot).
+    32 × 256 on 8 warps needs 182–228 registers and spills nothing (python -m galore_kernels.aot).
     With only 32 rows, the product runs k-major so that sm_90 still issues wgmma.
     """
     if quantized:
