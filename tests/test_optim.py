@@ -158,6 +158,7 @@ def test_bf16_state_keeps_its_dtypes_through_load(cls):
 
 
 def test_galore_torch_param_group_code_works_unchanged():
+    torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
     # As in galore-torch's README.
     galore_params = [model[0].weight, model[2].weight]
@@ -167,9 +168,10 @@ def test_galore_torch_param_group_code_works_unchanged():
         {"params": regular_params},
         {"params": galore_params, "rank": 4, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"},
     ]
-    opt = GaLoreAdamW(param_groups, lr=0.01)
+    opt = GaLoreAdamW(param_groups, lr=0.03)
     assert opt.param_groups[1]["svd"] == "randomized" and "rank" not in opt.param_groups[0]
-    x, y = torch.randn(64, 16), torch.randn(64, 4)
+    x = torch.randn(64, 16)
+    y = x @ torch.randn(16, 4)  # a learnable target (a teacher map), not noise
     losses = []
     for _ in range(30):
         loss = torch.nn.functional.mse_loss(model(x), y)
@@ -177,7 +179,7 @@ def test_galore_torch_param_group_code_works_unchanged():
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.8 * losses[0]
+    assert losses[-1] < 0.6 * losses[0]  # measured 0.31-0.40 over seeds 0-3
 
 
 @pytest.mark.parametrize(
