@@ -173,13 +173,9 @@ def _source(launch: Launch):
             signature[name] = "i64" if value >= 2**31 else "i32"
             if value % 16 == 0:
                 attrs[(index,)] = [["tt.divisibility", 16]]
-    for name in launch_constexpr_names(launch):
+    for name, _ in launch.constexprs:
         signature[name] = "constexpr"
     return ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
-
-
-def launch_constexpr_names(launch: Launch) -> list[str]:
-    return [name for name, _ in launch.constexprs]
 
 
 def _resource_usage(ptx: str, arch: int, workdir: Path) -> tuple[int, int]:
