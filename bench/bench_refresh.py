@@ -9,8 +9,6 @@ import argparse
 import statistics
 import time
 
-import torch
-
 from cases import REFRESH_SHAPES, environment, power_law_gradient
 from galore_kernels.projector import compute_projector, resolve_side
 
@@ -30,7 +28,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     print(environment())
-    print(f"| shape | rank | exact ms | randomized ms | speed-up | energy captured (randomized / exact) |")
+    print("| shape | rank | exact ms | randomized ms | speed-up | energy captured (randomized / exact) |")
     print("|---|---|---|---|---|---|")
     for m, n, rank in REFRESH_SHAPES:
         g = power_law_gradient(m, n)

@@ -18,7 +18,6 @@ import torch
 from . import projector as proj
 from . import reference
 from .reference import AdamHyper, GaLoreConfig
-from .rng import sketch_seed
 from .state import is_quantized, matrix_shape
 
 __all__ = ["BACKENDS", "check_backend", "resolve_backend", "adamw_steps", "galore_adamw_step"]
@@ -86,7 +85,7 @@ def adamw_steps(
             beta1=hyper.beta1,
             beta2=hyper.beta2,
             eps=hyper.eps,
-            decay=1.0 - hyper.lr * hyper.weight_decay,
+            decay=hyper.decay,
         )
         for s in member_states:
             s["step"] += 1
@@ -118,17 +117,7 @@ def galore_adamw_step(
 
     t = state["step"]
     if proj.is_refresh_step(t, cfg.update_proj_gap):
-        b = proj.compute_projector(
-            g,
-            cfg.rank,
-            side,
-            method=cfg.svd,
-            seed=sketch_seed(state["seed"], t),
-            oversample=cfg.oversample,
-            power_iters=cfg.power_iters,
-            sketch=gaussian_sketch,
-        )
-        state["projector"].copy_(b)
+        reference.refresh_projector_(state, g, side, cfg, sketch=gaussian_sketch)
     b = state["projector"]
     direction = project_adam(
         b, proj.oriented(g, side), state, beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps, scale=cfg.scale
@@ -138,7 +127,7 @@ def galore_adamw_step(
         b,
         direction,
         side,
-        decay=1.0 - hyper.lr * hyper.weight_decay,
+        decay=hyper.decay,
         step_size=hyper.step_size(t),
     )
     state["step"] = t + 1

@@ -17,7 +17,7 @@ from .quant import dequantize_blockwise, quantize_blockwise
 from .rng import sketch_seed
 from .state import is_quantized, matrix_shape
 
-__all__ = ["AdamHyper", "GaLoreConfig", "adamw_step", "galore_adamw_step"]
+__all__ = ["AdamHyper", "GaLoreConfig", "adamw_step", "galore_adamw_step", "refresh_projector_"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,11 @@ class AdamHyper:
     beta2: float
     eps: float
     weight_decay: float
+
+    @property
+    def decay(self) -> float:
+        """The decoupled weight-decay factor 1 − lr·wd applied to W before the update."""
+        return 1.0 - self.lr * self.weight_decay
 
     def step_size(self, step: int) -> float:
         """lr·√(1−β2^(t+1)) / (1−β1^(t+1)) for ``step`` = t completed steps (galore-torch's folding)."""
@@ -80,7 +85,7 @@ def _apply_update_(param: torch.Tensor, delta: torch.Tensor, hyper: AdamHyper, s
     """W ← W·(1 − lr·wd) − step_size·Δ in fp32, written once in W's dtype."""
     weight = param.float()  # the parameter itself when it is fp32, a working copy otherwise
     if hyper.weight_decay != 0.0:
-        weight.mul_(1.0 - hyper.lr * hyper.weight_decay)
+        weight.mul_(hyper.decay)
     weight.add_(delta.reshape(param.shape), alpha=-step_size)
     if weight is not param:
         param.copy_(weight)
@@ -95,19 +100,27 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], h
     state["step"] = t + 1
 
 
-def _refresh_(state: dict[str, Any], g: torch.Tensor, side: str, cfg: GaLoreConfig, step: int) -> None:
-    kwargs = dict(
-        method=cfg.svd,
-        seed=sketch_seed(state["seed"], step),
-        oversample=cfg.oversample,
-        power_iters=cfg.power_iters,
-    )
+def refresh_projector_(
+    state: dict[str, Any],
+    g: torch.Tensor,
+    side: str,
+    cfg: GaLoreConfig,
+    *,
+    sketch: proj.Sketch = proj.gaussian_sketch,
+) -> None:
+    """Recompute the state's projector(s) from the 2-D gradient ``g`` on a refresh step.
+
+    The sketch's seed is (parameter seed, step), so every backend and rerun draws the same Ω; a backend
+    passes its own ``sketch`` to compute G'·Ω (the reference materializes Ω).
+    """
+    seed = sketch_seed(state["seed"], state["step"])
+    kwargs = dict(method=cfg.svd, seed=seed, oversample=cfg.oversample, power_iters=cfg.power_iters)
     if side == "full":
         left, right = proj.compute_full_projectors(g, cfg.rank, **kwargs)
         state["projector"].copy_(left)
         state["projector_right"].copy_(right)
     else:
-        state["projector"].copy_(proj.compute_projector(g, cfg.rank, side, **kwargs))
+        state["projector"].copy_(proj.compute_projector(g, cfg.rank, side, sketch=sketch, **kwargs))
 
 
 def galore_adamw_step(
@@ -127,7 +140,7 @@ def galore_adamw_step(
     g = grad.reshape(matrix_shape(param))
     side = proj.resolve_side(cfg.proj_type, tuple(g.shape))
     if proj.is_refresh_step(t, cfg.update_proj_gap):
-        _refresh_(state, g, side, cfg, t)
+        refresh_projector_(state, g, side, cfg)
     b = state["projector"].float()
     if side == "full":
         b_right = state["projector_right"].float()
