@@ -84,11 +84,6 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
         return (norms < _MAX_GRAD_NORM).tolist()  # NaN compares False
 
     def _skip_nonfinite(self, param: torch.Tensor, state: dict[str, Any]) -> None:
-        if self.nonfinite == "raise":
-            raise RuntimeError(
-                f"gradient of a parameter of shape {tuple(param.shape)} holds NaN or Inf or has a norm "
-                "of at least 2^63 (nonfinite='raise'); pass nonfinite='skip' to skip such steps instead"
-            )
         state["nonfinite_skips"] += 1
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
@@ -110,6 +105,12 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
         for _, p in work:
             _check_grad(p)
         finite = self._finite_flags([p.grad for _, p in work])
+        if self.nonfinite == "raise" and not all(finite):  # before any state or weight changes
+            shape = tuple(work[finite.index(False)][1].shape)
+            raise RuntimeError(
+                f"gradient of a parameter of shape {shape} holds NaN or Inf or has a norm of at least 2^63 "
+                "(nonfinite='raise'); pass nonfinite='skip' to skip such steps instead"
+            )
         self._init_missing_state(work)
         steps: dict[int, list[torch.Tensor]] = {}
         for (group, p), grad_is_finite in zip(work, finite):
@@ -120,7 +121,10 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
         for group in self.param_groups:
             params = steps.get(id(group), [])
             beta1, beta2 = group["betas"]
-            hyper = AdamHyper(float(group["lr"]), beta1, beta2, group["eps"], group["weight_decay"])
+            # float(): 0-dim tensors are accepted for these (as torch.optim does); kernels take numbers.
+            hyper = AdamHyper(
+                float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"])
+            )
             plain = [p for p in params if not is_galore(p, group)]
             functional.adamw_steps(
                 plain, [p.grad for p in plain], [self.state[p] for p in plain], hyper, backend=self.backend
