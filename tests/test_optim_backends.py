@@ -2,14 +2,12 @@
 params and every state tensor over 8 steps with refreshes inside, a state_dict round trip in the middle,
 and a switch of backend mid-run."""
 
-import io
-
 import pytest
 import torch
 
 from galore_kernels import GaLoreAdamW, GaLoreAdamW8bit
 from kernel_cases import DEVICE, tolerance
-from test_optim import _grads, _zoo
+from test_optim import _run, _save_load, _zoo
 from tolerances import ABSMAX_8BIT, rel_err
 
 # Difference in distance travelled, measured under the interpreter: fp32 weights 4.5e-6 when the
@@ -25,20 +23,9 @@ OPTIMIZERS = [
 ]
 
 
-def _run(opt, params, start, steps):
-    for step in range(start, start + steps):
-        for name, g in _grads(params, step).items():
-            params[name].grad = None if g is None else g.to(params[name].device)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-
 def _round_trip(opt, cls, groups, backend, kwargs):
-    buffer = io.BytesIO()
-    torch.save(opt.state_dict(), buffer)
-    buffer.seek(0)
     fresh = cls(groups, lr=1e-2, weight_decay=0.01, backend=backend, **kwargs)
-    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    fresh.load_state_dict(_save_load(opt.state_dict()))
     return fresh
 
 
@@ -75,13 +62,13 @@ def test_triton_backend_equals_torch_backend(cls, kwargs, dtype):
     params_t, groups_t = _zoo(dtype)
     start = {name: p.detach().clone() for name, p in params_t.items()}
     opt_t = cls(groups_t, lr=1e-2, weight_decay=0.01, backend="torch", **kwargs)
-    _run(opt_t, params_t, 0, 8)
+    _run(opt_t, params_t, 8, start=0)
 
     params_k, groups_k = _zoo(dtype, device=DEVICE)
     opt_k = cls(groups_k, lr=1e-2, weight_decay=0.01, backend="triton", **kwargs)
-    _run(opt_k, params_k, 0, 4)
+    _run(opt_k, params_k, 4, start=0)
     opt_k = _round_trip(opt_k, cls, groups_k, "triton", kwargs)
-    _run(opt_k, params_k, 4, 4)
+    _run(opt_k, params_k, 4, start=4)
     _compare(params_t, opt_t, params_k, opt_k, dtype, start)
 
 
@@ -91,11 +78,11 @@ def test_switching_backend_mid_run(cls, kwargs, first, second):
     params_a, groups_a = _zoo()
     start = {name: p.detach().clone() for name, p in params_a.items()}
     opt_a = cls(groups_a, lr=1e-2, weight_decay=0.01, backend="torch", **kwargs)
-    _run(opt_a, params_a, 0, 8)
+    _run(opt_a, params_a, 8, start=0)
 
     params_b, groups_b = _zoo(device=DEVICE)
     opt_b = cls(groups_b, lr=1e-2, weight_decay=0.01, backend=first, **kwargs)
-    _run(opt_b, params_b, 0, 4)
+    _run(opt_b, params_b, 4, start=0)
     opt_b = _round_trip(opt_b, cls, groups_b, second, kwargs)  # same state format: the other backend continues
-    _run(opt_b, params_b, 4, 4)
+    _run(opt_b, params_b, 4, start=4)
     _compare(params_a, opt_a, params_b, opt_b, torch.float32, start)

@@ -29,7 +29,8 @@ def _project_adam_kernel(
     r, d, k, n_blocks,
     stride_br, stride_bd, stride_gd, stride_gk,
     beta1, beta2, eps, scale,
-    QUANTIZED: tl.constexpr, QBLOCK: tl.constexpr, UPCAST: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    QUANTIZED: tl.constexpr, QBLOCK: tl.constexpr,
+    UPCAST: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_r = tl.program_id(0).to(tl.int64)
@@ -124,7 +125,7 @@ def project_adam(
     """Update the moments of ``state`` with S = projector · g_oriented and return N (r × k).
 
     ``g_oriented`` is G' (d × k) as a view of the gradient: strides decide the side, nothing is copied.
-    Operands reach tl.dot in their own dtype when they share it (bf16/fp16 tensor cores, tf32 for fp32).
+    Operands reach tl.dot in their own dtype when they share it (bf16/fp16 tensor cores, tf32x3 for fp32).
     N is written in the projector's dtype, so the back-projection GEMM also runs on 16-bit tensor cores
     for 16-bit weights: its rounding (2^-9 relative for bf16) is far below that of storing the weight.
     """
