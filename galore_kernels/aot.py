@@ -10,6 +10,7 @@ more shared memory than the architecture has. Must run with TRITON_INTERPRET uns
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 import subprocess
@@ -81,19 +82,20 @@ def launches() -> list[Launch]:
                 side = resolve_side("std", (m, n))
                 d, k = (m, n) if side == "left" else (n, m)
                 for wdt in WEIGHT_DTYPES:
-                    for quantized in (False, True):
+                    # PROJECTED: the epilogue alone, on an accumulated fp32 S (layer-wise accumulation).
+                    for quantized, projected in itertools.product((False, True), (False, True)):
                         cfg = kernels["A project_adam"][1](rank, k, quantized)
                         moment = u8 if quantized else f32
                         add(Launch(
                             "A project_adam",
-                            (("b_ptr", wdt), ("g_ptr", wdt), ("n_ptr", wdt), ("m_ptr", moment), ("v_ptr", moment),
+                            (("b_ptr", wdt), ("g_ptr", wdt), ("s_ptr", f32), ("n_ptr", wdt), ("m_ptr", moment), ("v_ptr", moment),
                              ("m_absmax_ptr", f32), ("v_absmax_ptr", f32), ("signed_map_ptr", f32),
                              ("signed_mids_ptr", f32), ("unsigned_map_ptr", f32), ("unsigned_mids_ptr", f32),
                              ("r", rank), ("d", d), ("k", k), ("n_blocks", -(-k // BLOCK_SIZE)),
                              ("stride_br", d), ("stride_bd", 1),
                              ("stride_gd", n if side == "left" else 1), ("stride_gk", 1 if side == "left" else n),
                              ("beta1", 0.9), ("beta2", 0.999), ("eps", 1e-8), ("scale", 0.25)),
-                            (("QUANTIZED", quantized), ("QBLOCK", BLOCK_SIZE), ("UPCAST", False), ("SOFT_BF16", False),
+                            (("QUANTIZED", quantized), ("PROJECTED", projected), ("QBLOCK", BLOCK_SIZE), ("UPCAST", False), ("SOFT_BF16", False),
                              ("DOT_PRECISION", dot_precision(wdt)), ("BLOCK_R", cfg["BLOCK_R"]), ("BLOCK_K", cfg["BLOCK_K"]), ("BLOCK_D", cfg["BLOCK_D"])),
                             cfg["num_warps"],
                         ))

@@ -20,7 +20,14 @@ from . import reference
 from .reference import AdamHyper, GaLoreConfig
 from .state import is_quantized, matrix_shape
 
-__all__ = ["BACKENDS", "check_backend", "resolve_backend", "adamw_steps", "galore_adamw_step"]
+__all__ = [
+    "BACKENDS",
+    "check_backend",
+    "resolve_backend",
+    "adamw_steps",
+    "galore_adamw_step",
+    "galore_adamw_step_projected",
+]
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -111,20 +118,64 @@ def galore_adamw_step(
     if resolve_backend(backend, param.device) == "torch" or side == "full" or not param.is_contiguous():
         reference.galore_adamw_step(param, grad, state, hyper, cfg)
         return
-    from .kernels.backproject_update import backproject_update
     from .kernels.project_adam import project_adam
     from .kernels.sketch import gaussian_sketch
 
-    t = state["step"]
-    if proj.is_refresh_step(t, cfg.update_proj_gap):
+    if proj.is_refresh_step(state["step"], cfg.update_proj_gap, state["refresh_offset"]):
         reference.refresh_projector_(state, g, side, cfg, sketch=gaussian_sketch)
-    b = state["projector"]
     direction = project_adam(
-        b, proj.oriented(g, side), state, beta1=hyper.beta1, beta2=hyper.beta2, eps=hyper.eps, scale=cfg.scale
+        state["projector"],
+        proj.oriented(g, side),
+        state,
+        beta1=hyper.beta1,
+        beta2=hyper.beta2,
+        eps=hyper.eps,
+        scale=cfg.scale,
     )
+    _backproject_update(param, direction, state, hyper, side)
+
+
+def galore_adamw_step_projected(
+    param: torch.Tensor,
+    s: torch.Tensor,
+    state: dict[str, Any],
+    hyper: AdamHyper,
+    cfg: GaLoreConfig,
+    *,
+    backend: str,
+) -> None:
+    """GaLore-AdamW from an already projected fp32 gradient ``s`` (moment-shaped): Adam, back-project, update.
+
+    Layer-wise accumulation steps through here with the sum of a window's projected gradients. The
+    Triton path runs kernel A's epilogue alone (``PROJECTED``) and kernel B.
+    """
+    side = proj.resolve_side(cfg.proj_type, matrix_shape(param))
+    if resolve_backend(backend, param.device) == "torch" or side == "full" or not param.is_contiguous():
+        reference.galore_adamw_step_projected(param, s, state, hyper, cfg)
+        return
+    from .kernels.project_adam import projected_adam
+
+    direction = projected_adam(
+        s.contiguous(),
+        state,
+        state["projector"].dtype,
+        beta1=hyper.beta1,
+        beta2=hyper.beta2,
+        eps=hyper.eps,
+        scale=cfg.scale,
+    )
+    _backproject_update(param, direction, state, hyper, side)
+
+
+def _backproject_update(
+    param: torch.Tensor, direction: torch.Tensor, state: dict[str, Any], hyper: AdamHyper, side: str
+) -> None:
+    from .kernels.backproject_update import backproject_update
+
+    t = state["step"]
     backproject_update(
         param.view(matrix_shape(param)),
-        b,
+        state["projector"],
         direction,
         side,
         decay=hyper.decay,

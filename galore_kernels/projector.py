@@ -59,9 +59,17 @@ def _check_refresh_args(grad_2d: torch.Tensor, rank: int, oversample: int, power
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
-def is_refresh_step(step: int, update_proj_gap: int) -> bool:
-    """Whether the projector is recomputed before projecting the gradient of step ``step`` (0-based)."""
-    return step % update_proj_gap == 0
+def is_refresh_step(step: int, update_proj_gap: int, offset: int = 0) -> bool:
+    """Whether the projector is recomputed before projecting the gradient of step ``step`` (0-based).
+
+    Step 0 always refreshes (there is no projector yet); after it, steps ``offset``, ``offset + T``, …
+    do. An offset in [0, T) staggers parameters' refreshes so that they do not all fall on one step,
+    and no interval exceeds T.
+
+    >>> [t for t in range(12) if is_refresh_step(t, 4, offset=3)]
+    [0, 3, 7, 11]
+    """
+    return step == 0 or (step >= offset and (step - offset) % update_proj_gap == 0)
 
 
 def oriented(matrix: torch.Tensor, side: str) -> torch.Tensor:

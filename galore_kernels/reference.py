@@ -17,7 +17,15 @@ from .quant import dequantize_blockwise, quantize_blockwise
 from .rng import sketch_seed
 from .state import is_quantized, matrix_shape
 
-__all__ = ["AdamHyper", "GaLoreConfig", "adamw_step", "galore_adamw_step", "refresh_projector_"]
+__all__ = [
+    "AdamHyper",
+    "GaLoreConfig",
+    "adamw_step",
+    "galore_adamw_step",
+    "galore_adamw_step_projected",
+    "project",
+    "refresh_projector_",
+]
 
 
 @dataclass(frozen=True)
@@ -123,6 +131,36 @@ def refresh_projector_(
         state["projector"].copy_(proj.compute_projector(g, cfg.rank, side, sketch=sketch, **kwargs))
 
 
+def project(state: dict[str, Any], g: torch.Tensor, side: str) -> torch.Tensor:
+    """S = B·G' in fp32 (B·G·B_rightᵀ for ``full``): the gradient in the state's subspace, moment-shaped."""
+    b = state["projector"].float()
+    if side == "full":
+        return b @ g.float() @ state["projector_right"].float().T
+    return b @ proj.oriented(g, side).float()
+
+
+def galore_adamw_step_projected(
+    param: torch.Tensor, s: torch.Tensor, state: dict[str, Any], hyper: AdamHyper, cfg: GaLoreConfig
+) -> None:
+    """The step after projection: Adam on the fp32 projected gradient ``s`` (r × k), back-project, update W.
+
+    Layer-wise accumulation sums projected gradients and steps through here; :func:`galore_adamw_step`
+    is a refresh, :func:`project` and this.
+    """
+    t = state["step"]
+    side = proj.resolve_side(cfg.proj_type, matrix_shape(param))
+    b = state["projector"].float()
+    direction = _adam_direction(state, s, hyper).mul_(cfg.scale)
+    if side == "full":
+        delta = b.T @ direction @ state["projector_right"].float()
+    else:
+        # ΔW = (Bᵀ·N)ᵀ = Nᵀ·B on the right side: computing it in W's orientation keeps the weight update
+        # a contiguous pass (adding a transposed 1024² delta measured 2 ms vs 0.3 ms on the CPU).
+        delta = b.T @ direction if side == "left" else direction.T @ b
+    _apply_update_(param, delta, hyper, hyper.step_size(t))
+    state["step"] = t + 1
+
+
 def galore_adamw_step(
     param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], hyper: AdamHyper, cfg: GaLoreConfig
 ) -> None:
@@ -136,20 +174,8 @@ def galore_adamw_step(
     >>> st["step"], tuple(st["exp_avg"].shape)
     (1, (2, 16))
     """
-    t = state["step"]
     g = grad.reshape(matrix_shape(param))
     side = proj.resolve_side(cfg.proj_type, tuple(g.shape))
-    if proj.is_refresh_step(t, cfg.update_proj_gap):
+    if proj.is_refresh_step(state["step"], cfg.update_proj_gap, state["refresh_offset"]):
         refresh_projector_(state, g, side, cfg)
-    b = state["projector"].float()
-    if side == "full":
-        b_right = state["projector_right"].float()
-        direction = _adam_direction(state, b @ g.float() @ b_right.T, hyper).mul_(cfg.scale)
-        delta = b.T @ direction @ b_right
-    else:
-        direction = _adam_direction(state, b @ proj.oriented(g, side).float(), hyper).mul_(cfg.scale)
-        # ΔW = (Bᵀ·N)ᵀ = Nᵀ·B on the right side: computing it in W's orientation keeps the weight update
-        # a contiguous pass (adding a transposed 1024² delta measured 2 ms vs 0.3 ms on the CPU).
-        delta = b.T @ direction if side == "left" else direction.T @ b
-    _apply_update_(param, delta, hyper, hyper.step_size(t))
-    state["step"] = t + 1
+    galore_adamw_step_projected(param, project(state, g, side), state, hyper, cfg)

@@ -6,6 +6,7 @@ Per-parameter state holds tensors and plain numbers only, so ``torch.load(weight
 ``step``            int, completed steps t (drives the refresh schedule and bias correction)
 ``nonfinite_skips`` int, steps skipped because the gradient held NaN or Inf
 ``seed``            int, the parameter's sketch seed (GaLore parameters)
+``refresh_offset``  int in [0, T), the step of the parameter's refresh schedule (GaLore parameters)
 ``projector``       B (r × d): parameter dtype for 16-bit parameters, fp32 otherwise
 ``projector_right`` the right projector (r × n) of ``proj_type="full"``
 ``exp_avg``         first moment: fp32, or uint8 codes when ``exp_avg_absmax`` is present
@@ -67,9 +68,16 @@ def _moments(shape: tuple[int, ...], device: torch.device, quantize: bool) -> di
 
 
 def init_state(
-    param: torch.Tensor, group: dict[str, Any], *, param_seed: int, min_8bit_size: int | None
+    param: torch.Tensor,
+    group: dict[str, Any],
+    *,
+    param_seed: int,
+    min_8bit_size: int | None,
+    refresh_offset: int = 0,
 ) -> dict[str, Any]:
     """Fresh state for ``param`` in ``group``; ``min_8bit_size=None`` keeps every moment in fp32.
+
+    ``refresh_offset`` staggers the parameter's refresh steps (:func:`projector.is_refresh_step`).
 
     Moments are quantized when they have at least ``min_8bit_size`` elements (and at least one).
     """
@@ -90,6 +98,7 @@ def init_state(
     r = effective_rank(group["rank"], (m, n))
     dtype = projector_dtype(param)
     state["seed"] = int(param_seed)
+    state["refresh_offset"] = int(refresh_offset)
     if side == "full":
         state["projector"] = torch.zeros((r, m), dtype=dtype, device=device)
         state["projector_right"] = torch.zeros((r, n), dtype=dtype, device=device)

@@ -8,7 +8,7 @@ import torch
 
 from galore_kernels import reference
 from galore_kernels.kernels.backproject_update import backproject_update
-from galore_kernels.kernels.project_adam import project_adam
+from galore_kernels.kernels.project_adam import project_adam, projected_adam
 from galore_kernels.projector import compute_projector, oriented, resolve_side
 from galore_kernels.reference import AdamHyper
 from galore_kernels.state import init_state
@@ -30,11 +30,12 @@ def _warm_state(w, g, rank, proj_type, quantize, gen):
     return state
 
 
+@pytest.mark.parametrize("given_s", [False, True], ids=["project", "projected"])  # PROJECTED: S is an input
 @pytest.mark.parametrize("quantize", [None, 16], ids=["fp32-moments", "8bit-moments"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std"])  # both sides for every shape
 @pytest.mark.parametrize("shape", SHAPES)
-def test_project_adam_matches_reference(shape, proj_type, dtype, quantize, poisoned_empty):
+def test_project_adam_matches_reference(shape, proj_type, dtype, quantize, given_s, poisoned_empty):
     gen = torch.Generator().manual_seed(seed_of(shape, proj_type))
     for rank in ranks_for(shape):
         w = torch.randn(shape, generator=gen).to(dtype)
@@ -46,10 +47,11 @@ def test_project_adam_matches_reference(shape, proj_type, dtype, quantize, poiso
         expected_n = reference._adam_direction(expected_state, s, HYPER).mul_(SCALE)
 
         device_state = {k: v.to(DEVICE, copy=True) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
-        n = project_adam(
-            device_state["projector"], oriented(g.to(DEVICE), side), device_state,
-            beta1=HYPER.beta1, beta2=HYPER.beta2, eps=HYPER.eps, scale=SCALE,
-        )
+        adam = dict(beta1=HYPER.beta1, beta2=HYPER.beta2, eps=HYPER.eps, scale=SCALE)
+        if given_s:
+            n = projected_adam(s.to(DEVICE), device_state, device_state["projector"].dtype, **adam)
+        else:
+            n = project_adam(device_state["projector"], oriented(g.to(DEVICE), side), device_state, **adam)
         assert n.dtype == (dtype if dtype != torch.float32 else torch.float32)
         assert not torch.isnan(n).any()
         tol = tolerance(dtype)

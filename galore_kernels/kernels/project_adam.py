@@ -1,5 +1,8 @@
 """Kernel A: S = B·G' (fp32 accumulate) with the Adam epilogue, writing N = α·m/(√v + ε).
 
+With ``PROJECTED`` the kernel reads a given fp32 S instead of computing it: layer-wise accumulation sums
+projected gradients over several backward passes and then needs only the epilogue.
+
 One program owns a (BLOCK_R × BLOCK_K) tile of S and loops over d, accumulating it k-major. The epilogue loads that tile's
 moments (fp32, or 8-bit codes + absmax dequantized in registers), updates them, writes them back
 (requantized with a fresh absmax per 256-column block: an 8-bit tile spans whole blocks) and writes N.
@@ -23,13 +26,13 @@ from .runtime import dot_precision, interpreting, on_device, upcast_dot
 
 @triton.jit
 def _project_adam_kernel(
-    b_ptr, g_ptr, n_ptr,
+    b_ptr, g_ptr, s_ptr, n_ptr,
     m_ptr, v_ptr, m_absmax_ptr, v_absmax_ptr,
     signed_map_ptr, signed_mids_ptr, unsigned_map_ptr, unsigned_mids_ptr,
     r, d, k, n_blocks,
     stride_br, stride_bd, stride_gd, stride_gk,
     beta1, beta2, eps, scale,
-    QUANTIZED: tl.constexpr, QBLOCK: tl.constexpr,
+    QUANTIZED: tl.constexpr, PROJECTED: tl.constexpr, QBLOCK: tl.constexpr,
     UPCAST: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -41,28 +44,31 @@ def _project_adam_kernel(
     row_ok = rows < r
     col_ok = cols < k
 
-    # Sᵀ = G'ᵀ·Bᵀ, k-major: the k dimension (256 wide in the 8-bit tile) is the MMA's M, which Hopper's
-    # wgmma needs to be ≥ 64 per warpgroup, while the tile keeps few rows of S (the 8-bit epilogue's
-    # register budget). One transpose in registers hands the epilogue S's row-major tile.
-    acc_t = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
-    for d0 in range(0, d, BLOCK_D):
-        dd = d0 + ds
-        g_t = tl.load(
-            g_ptr + cols[:, None] * stride_gk + dd[None, :] * stride_gd,
-            mask=col_ok[:, None] & (dd[None, :] < d), other=0.0,
-        )
-        b_t = tl.load(
-            b_ptr + dd[:, None] * stride_bd + rows[None, :] * stride_br,
-            mask=(dd[:, None] < d) & row_ok[None, :], other=0.0,
-        )
-        if UPCAST:
-            g_t = g_t.to(tl.float32)
-            b_t = b_t.to(tl.float32)
-        acc_t = tl.dot(g_t, b_t, acc_t, input_precision=DOT_PRECISION)
-    acc = tl.trans(acc_t)
-
     mask = row_ok[:, None] & col_ok[None, :]
     offs = rows[:, None] * k + cols[None, :]
+    if PROJECTED:
+        acc = tl.load(s_ptr + offs, mask=mask, other=0.0)
+    else:
+        # Sᵀ = G'ᵀ·Bᵀ, k-major: the k dimension (256 wide in the 8-bit tile) is the MMA's M, which Hopper's
+        # wgmma needs to be ≥ 64 per warpgroup, while the tile keeps few rows of S (the 8-bit epilogue's
+        # register budget). One transpose in registers hands the epilogue S's row-major tile.
+        acc_t = tl.zeros((BLOCK_K, BLOCK_R), dtype=tl.float32)
+        for d0 in range(0, d, BLOCK_D):
+            dd = d0 + ds
+            g_t = tl.load(
+                g_ptr + cols[:, None] * stride_gk + dd[None, :] * stride_gd,
+                mask=col_ok[:, None] & (dd[None, :] < d), other=0.0,
+            )
+            b_t = tl.load(
+                b_ptr + dd[:, None] * stride_bd + rows[None, :] * stride_br,
+                mask=(dd[:, None] < d) & row_ok[None, :], other=0.0,
+            )
+            if UPCAST:
+                g_t = g_t.to(tl.float32)
+                b_t = b_t.to(tl.float32)
+            acc_t = tl.dot(g_t, b_t, acc_t, input_precision=DOT_PRECISION)
+        acc = tl.trans(acc_t)
+
     if QUANTIZED:
         blocks = pid_k * (BLOCK_K // QBLOCK) + tl.arange(0, BLOCK_K // QBLOCK)
         absmax_offs = rows[:, None] * n_blocks + blocks[None, :]
@@ -129,28 +135,62 @@ def project_adam(
     N is written in the projector's dtype, so the back-projection GEMM also runs on 16-bit tensor cores
     for 16-bit weights: its rounding (2^-9 relative for bf16) is far below that of storing the weight.
     """
-    r, d = projector.shape
-    k = g_oriented.shape[1]
+    upcast = upcast_dot(projector.dtype, g_oriented.dtype)
+    return _launch(
+        projector, g_oriented, None, state, projector.dtype, (beta1, beta2, eps, scale),
+        upcast=upcast, dot_dtype=torch.float32 if upcast else projector.dtype,
+    )
+
+
+def projected_adam(
+    s: torch.Tensor,
+    state: dict[str, Any],
+    out_dtype: torch.dtype,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    scale: float,
+) -> torch.Tensor:
+    """Kernel A's epilogue alone: update the moments with a given contiguous fp32 S (r × k), return N."""
+    if s.dtype != torch.float32 or not s.is_contiguous():
+        raise ValueError(f"s must be a contiguous fp32 tensor, got {s.dtype} with strides {s.stride()}")
+    return _launch(s, s, s, state, out_dtype, (beta1, beta2, eps, scale), upcast=False, dot_dtype=torch.float32)
+
+
+def _launch(
+    projector: torch.Tensor,
+    g_oriented: torch.Tensor,
+    s: torch.Tensor | None,
+    state: dict[str, Any],
+    out_dtype: torch.dtype,
+    hyper: tuple[float, float, float, float],
+    *,
+    upcast: bool,
+    dot_dtype: torch.dtype,
+) -> torch.Tensor:
+    # With a given S, ``projector`` and ``g_oriented`` are S itself: only the (r, k) shape is read.
+    r, k = (s.shape[0], s.shape[1]) if s is not None else (projector.shape[0], g_oriented.shape[1])
+    d = 0 if s is not None else projector.shape[1]
     quantized = "exp_avg_absmax" in state
-    out = torch.empty((r, k), dtype=projector.dtype, device=projector.device)
+    out = torch.empty((r, k), dtype=out_dtype, device=projector.device)
     n_blocks = triton.cdiv(k, BLOCK_SIZE)
     signed_map, signed_mids = code_tables(True, projector.device)
     unsigned_map, unsigned_mids = code_tables(False, projector.device)
     m_absmax = state.get("exp_avg_absmax", out)  # any tensor: unused when not quantized
     v_absmax = state.get("exp_avg_sq_absmax", out)
     cfg = config(r, k, quantized)
-    upcast = upcast_dot(projector.dtype, g_oriented.dtype)
     grid = (triton.cdiv(r, cfg["BLOCK_R"]), triton.cdiv(k, cfg["BLOCK_K"]))
     with on_device(projector):
         _project_adam_kernel[grid](
-            projector, g_oriented, out,
+            projector, g_oriented, out if s is None else s, out,
             state["exp_avg"], state["exp_avg_sq"], m_absmax, v_absmax,
             signed_map, signed_mids, unsigned_map, unsigned_mids,
             r, d, k, n_blocks,
             projector.stride(0), projector.stride(1), g_oriented.stride(0), g_oriented.stride(1),
-            beta1, beta2, eps, scale,
-            QUANTIZED=quantized, QBLOCK=BLOCK_SIZE, UPCAST=upcast, SOFT_BF16=interpreting(),
-            DOT_PRECISION=dot_precision(torch.float32 if upcast else projector.dtype),
+            *hyper,
+            QUANTIZED=quantized, PROJECTED=s is not None, QBLOCK=BLOCK_SIZE, UPCAST=upcast,
+            SOFT_BF16=interpreting(), DOT_PRECISION=dot_precision(dot_dtype),
             **cfg,
         )
     return out

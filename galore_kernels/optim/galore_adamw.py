@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from itertools import chain
@@ -12,7 +13,8 @@ import torch
 from .. import functional
 from ..reference import AdamHyper, GaLoreConfig
 from ..state import init_state, is_galore
-from .param_groups import NONFINITE_MODES, check_group, check_hyper
+from .layerwise import LayerwiseHooks, Window
+from .param_groups import NONFINITE_MODES, check_group, check_hyper, check_layerwise
 
 __all__ = ["GaLoreAdamW", "GaLoreAdamW8bit"]
 
@@ -36,6 +38,10 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
         nonfinite: str,
         seed: int,
         min_8bit_size: int | None,
+        layerwise: bool,
+        accumulation_steps: int,
+        refresh_schedule: str,
+        max_grad_norm: float | None,
     ) -> None:
         check_hyper(lr, betas, eps, weight_decay)
         functional.check_backend(backend)
@@ -43,13 +49,27 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        check_layerwise(layerwise, accumulation_steps, refresh_schedule, max_grad_norm)
         self.backend = backend
         self.nonfinite = nonfinite
         self.seed = seed
         self.min_8bit_size = min_8bit_size
+        self.refresh_schedule = refresh_schedule
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.last_grad_norm: float | None = None
+        self._norm_sq = 0.0  # Σ‖g‖² over the parameters stepped since the last step() (layer-wise mode)
+        self._stepped = 0
         self._warned_nonfinite = False
+        self._hooks = (
+            LayerwiseHooks(accumulation_steps, self._prepare, self._close_window, _check_grad) if layerwise else None
+        )
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__(params, defaults)
+
+    @property
+    def layerwise(self) -> bool:
+        """Whether parameters step inside backward (until :meth:`detach_hooks`)."""
+        return self._hooks is not None
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -58,6 +78,21 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        if self._hooks is not None:
+            self._hooks.attach(self.param_groups[-1])
+
+    def detach_hooks(self) -> None:
+        """Remove the layer-wise hooks; from then on ``step()`` steps every parameter as usual.
+
+        Raises ``RuntimeError`` in the middle of an accumulation window (call ``step()`` first).
+        """
+        if self._hooks is not None:
+            self._hooks.detach()
+            self._hooks = None
+
+    def accumulation_bytes(self) -> tuple[int, int]:
+        """Bytes of (full, low-rank) gradient sums held by open layer-wise accumulation windows."""
+        return (0, 0) if self._hooks is None else self._hooks.held_bytes()
 
     def _init_missing_state(self, work: list[tuple[dict[str, Any], torch.Tensor]]) -> None:
         missing = [(group, p) for group, p in work if not self.state[p]]
@@ -66,22 +101,69 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
         # A parameter's sketch seed comes from its position over all groups: stable across reruns and
         # checkpoint resumes, and distinct between parameters.
         position = {id(p): i for i, p in enumerate(chain.from_iterable(g["params"] for g in self.param_groups))}
+        # "spread": the j-th of n projected parameters refreshes at steps ≡ j·T/n (mod T), so a refresh
+        # step recomputes ~n/T projectors instead of all n (and, layer-wise with accumulation, only those
+        # hold a full gradient through the window).
+        projected = [id(p) for g in self.param_groups for p in g["params"] if is_galore(p, g)]
+        rank_among_projected = {pid: j for j, pid in enumerate(projected)}
         for group, p in missing:
             param_seed = (self.seed * 0x9E3779B1 + position[id(p)]) & 0xFFFFFFFF
-            self.state[p].update(init_state(p, group, param_seed=param_seed, min_8bit_size=self.min_8bit_size))
+            offset = 0
+            if self.refresh_schedule == "spread" and is_galore(p, group):
+                offset = rank_among_projected[id(p)] * group["update_proj_gap"] // len(projected)
+            self.state[p].update(
+                init_state(p, group, param_seed=param_seed, min_8bit_size=self.min_8bit_size, refresh_offset=offset)
+            )
 
-    def _finite_flags(self, grads: list[torch.Tensor]) -> list[bool]:
-        """Whether each gradient can be stepped on, with one host sync for the whole step.
+    def _prepare(self, group: dict[str, Any], param: torch.Tensor) -> dict[str, Any]:
+        self._init_missing_state([(group, param)])
+        return self.state[param]
+
+    def _close_window(self, group: dict[str, Any], param: torch.Tensor, window: Window) -> None:
+        """Step ``param`` from a layer-wise window: check, record and clip its summed gradient, then step."""
+        grad = window.full if window.full is not None else window.projected
+        norm = float(torch.linalg.vector_norm(grad, dtype=torch.float32))
+        self._norm_sq += norm * norm
+        self._stepped += 1
+        if not norm < _MAX_GRAD_NORM:  # NaN compares False
+            if self.nonfinite == "raise":
+                raise RuntimeError(_nonfinite_message(param))
+            self._skip_nonfinite(param, self.state[param])
+            return
+        coef = self._clip_coef()
+        if coef < 1.0:
+            grad.mul_(coef)
+        hyper = _adam_hyper(group)
+        state = self.state[param]
+        if window.projected is not None:
+            functional.galore_adamw_step_projected(
+                param, grad, state, hyper, _galore_config(group), backend=self.backend
+            )
+        elif is_galore(param, group):
+            functional.galore_adamw_step(param, grad, state, hyper, _galore_config(group), backend=self.backend)
+        else:
+            functional.adamw_steps([param], [grad], [state], hyper, backend=self.backend)
+
+    def _clip_coef(self) -> float:
+        """Layer-wise clipping by the previous step's global norm: min(1, max_grad_norm / (‖g_{t−1}‖ + 1e-6))."""
+        if self.max_grad_norm is None or self.last_grad_norm is None:
+            return 1.0
+        return min(1.0, self.max_grad_norm / (self.last_grad_norm + 1e-6))
+
+    def _finite_flags(self, grads: list[torch.Tensor]) -> tuple[list[bool], float]:
+        """Whether each gradient can be stepped on, and Σ‖g‖², with one host sync for the whole step.
 
         A gradient is refused when it holds NaN or Inf, or when its norm reaches 2^63: past that, its
         projection squared can overflow fp32 in Adam's second moment (and the refresh's products), which
         would poison the state as surely as a NaN. One fp32 norm per gradient decides both.
         """
         if not grads:
-            return []
+            return [], 0.0
         device = grads[0].device
         norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).to(device) for g in grads])
-        return (norms < _MAX_GRAD_NORM).tolist()  # NaN compares False
+        flags_and_sum = torch.cat([norms < _MAX_GRAD_NORM, norms.square().sum().reshape(1)])  # NaN compares False
+        *flags, norm_sq = flags_and_sum.tolist()
+        return [bool(f) for f in flags], norm_sq
 
     def _skip_nonfinite(self, param: torch.Tensor, state: dict[str, Any]) -> None:
         state["nonfinite_skips"] += 1
@@ -96,35 +178,40 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
+
+        Layer-wise, parameters have stepped inside backward already; ``step()`` closes the optimizer step:
+        it steps parameters whose accumulation window is still open (fewer than ``accumulation_steps``
+        backward passes since their last step, e.g. at the end of an epoch) and parameters whose gradient
+        was set without a hook firing, then records :attr:`last_grad_norm`. Call it once per step.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._hooks is not None:
+            self._hooks.close_all()
         work = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
         for _, p in work:
             _check_grad(p)
-        finite = self._finite_flags([p.grad for _, p in work])
+        finite, norm_sq = self._finite_flags([p.grad for _, p in work])
         if self.nonfinite == "raise" and not all(finite):  # before any state or weight changes
-            shape = tuple(work[finite.index(False)][1].shape)
-            raise RuntimeError(
-                f"gradient of a parameter of shape {shape} holds NaN or Inf or has a norm of at least 2^63 "
-                "(nonfinite='raise'); pass nonfinite='skip' to skip such steps instead"
-            )
+            raise RuntimeError(_nonfinite_message(work[finite.index(False)][1]))
+        self._norm_sq += norm_sq
+        self._stepped += len(work)
+        coef = self._clip_coef() if self._hooks is not None else 1.0
         self._init_missing_state(work)
         steps: dict[int, list[torch.Tensor]] = {}
         for (group, p), grad_is_finite in zip(work, finite):
             if grad_is_finite:
                 steps.setdefault(id(group), []).append(p)
+                if coef < 1.0:
+                    p.grad.mul_(coef)
             else:
                 self._skip_nonfinite(p, self.state[p])
         for group in self.param_groups:
             params = steps.get(id(group), [])
-            beta1, beta2 = group["betas"]
-            # float(): 0-dim tensors are accepted for these (as torch.optim does); kernels take numbers.
-            hyper = AdamHyper(
-                float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"])
-            )
+            hyper = _adam_hyper(group)
             plain = [p for p in params if not is_galore(p, group)]
             functional.adamw_steps(
                 plain, [p.grad for p in plain], [self.state[p] for p in plain], hyper, backend=self.backend
@@ -134,7 +221,22 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
                     functional.galore_adamw_step(
                         p, p.grad, self.state[p], hyper, _galore_config(group), backend=self.backend
                     )
+        if self._stepped:
+            self.last_grad_norm = math.sqrt(self._norm_sq)
+        self._norm_sq, self._stepped = 0.0, 0
         return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict plus ``"galore_kernels": {"last_grad_norm": …}`` (layer-wise clipping uses it).
+
+        Raises ``RuntimeError`` in the middle of a layer-wise accumulation window, whose gradient sums are
+        not state and would be lost: save after ``step()``.
+        """
+        if self._hooks is not None:
+            self._hooks.refuse_if_open("save the optimizer state")
+        state_dict = super().state_dict()
+        state_dict["galore_kernels"] = {"last_grad_norm": self.last_grad_norm}
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict after checking it fits, keeping every state tensor's dtype.
@@ -162,7 +264,12 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
         for param_id, saved in state_dict["state"].items():
             if param_id in param_of_id:
                 _check_saved_state(param_id, saved, param_of_id[param_id], group_of_id[param_id], self.min_8bit_size)
+        if self._hooks is not None:
+            self._hooks.refuse_if_open("load an optimizer state")
         super().load_state_dict({"state": state_dict["state"], "param_groups": saved_groups})
+        self.last_grad_norm = state_dict.get("galore_kernels", {}).get("last_grad_norm")
+        if self._hooks is not None:
+            self._hooks.regroup(self.param_groups)  # torch's load_state_dict made new group dicts
         for param_id, saved in state_dict["state"].items():
             if param_id in param_of_id:
                 param = param_of_id[param_id]
@@ -200,6 +307,19 @@ def _check_grad(param: torch.Tensor) -> None:
         )
     if grad.shape != param.shape:
         raise RuntimeError(f"gradient shape {tuple(grad.shape)} does not match parameter {tuple(param.shape)}")
+
+
+def _nonfinite_message(param: torch.Tensor) -> str:
+    return (
+        f"gradient of a parameter of shape {tuple(param.shape)} holds NaN or Inf or has a norm of at least 2^63 "
+        "(nonfinite='raise'); pass nonfinite='skip' to skip such steps instead"
+    )
+
+
+def _adam_hyper(group: dict[str, Any]) -> AdamHyper:
+    beta1, beta2 = group["betas"]
+    # float(): 0-dim tensors are accepted for these (as torch.optim does); kernels take numbers.
+    return AdamHyper(float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]))
 
 
 def _galore_config(group: dict[str, Any]) -> GaLoreConfig:
@@ -246,6 +366,10 @@ class GaLoreAdamW(_GaLoreAdamBase):
         backend: str = "auto",
         nonfinite: str = "skip",
         seed: int = 0,
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
+        refresh_schedule: str = "aligned",
+        max_grad_norm: float | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -257,6 +381,10 @@ class GaLoreAdamW(_GaLoreAdamBase):
             nonfinite=nonfinite,
             seed=seed,
             min_8bit_size=None,
+            layerwise=layerwise,
+            accumulation_steps=accumulation_steps,
+            refresh_schedule=refresh_schedule,
+            max_grad_norm=max_grad_norm,
         )
 
 
@@ -285,6 +413,10 @@ class GaLoreAdamW8bit(_GaLoreAdamBase):
         nonfinite: str = "skip",
         seed: int = 0,
         min_8bit_size: int = 4096,
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
+        refresh_schedule: str = "aligned",
+        max_grad_norm: float | None = None,
     ) -> None:
         if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
             raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
@@ -298,4 +430,8 @@ class GaLoreAdamW8bit(_GaLoreAdamBase):
             nonfinite=nonfinite,
             seed=seed,
             min_8bit_size=min_8bit_size,
+            layerwise=layerwise,
+            accumulation_steps=accumulation_steps,
+            refresh_schedule=refresh_schedule,
+            max_grad_norm=max_grad_norm,
         )

@@ -14,7 +14,7 @@ import torch
 
 from ..projector import PROJ_TYPES, SVD_METHODS
 
-__all__ = ["GALORE_DEFAULTS", "NONFINITE_MODES", "check_hyper", "check_group"]
+__all__ = ["GALORE_DEFAULTS", "NONFINITE_MODES", "REFRESH_SCHEDULES", "check_hyper", "check_group", "check_layerwise"]
 
 # galore-torch's keys and defaults, plus the refresh method and its two knobs.
 GALORE_DEFAULTS: dict[str, Any] = {
@@ -26,6 +26,7 @@ GALORE_DEFAULTS: dict[str, Any] = {
     "svd_power_iters": 2,
 }
 NONFINITE_MODES = ("skip", "raise")
+REFRESH_SCHEDULES = ("aligned", "spread")
 
 
 def _real(name: str, value: Any) -> float:
@@ -75,3 +76,23 @@ def check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"svd must be one of {SVD_METHODS}, got {group['svd']!r}")
     _int("svd_oversample", group["svd_oversample"], 0)
     _int("svd_power_iters", group["svd_power_iters"], 0)
+
+
+def check_layerwise(layerwise: Any, accumulation_steps: Any, refresh_schedule: Any, max_grad_norm: Any) -> None:
+    """Check the layer-wise options; accumulation and clipping are layer-wise features."""
+    if not isinstance(layerwise, bool):
+        raise ValueError(f"layerwise must be True or False, got {layerwise!r}")
+    _int("accumulation_steps", accumulation_steps, 1)
+    if refresh_schedule not in REFRESH_SCHEDULES:
+        raise ValueError(f"refresh_schedule must be one of {REFRESH_SCHEDULES}, got {refresh_schedule!r}")
+    if max_grad_norm is not None and _real("max_grad_norm", max_grad_norm) <= 0.0:
+        raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+    if not layerwise and accumulation_steps != 1:
+        raise ValueError(
+            f"accumulation_steps={accumulation_steps} needs layerwise=True; without it gradients accumulate in "
+            ".grad: call step() every k backward passes"
+        )
+    if not layerwise and max_grad_norm is not None:
+        raise ValueError(
+            "max_grad_norm needs layerwise=True; without it clip with torch.nn.utils.clip_grad_norm_ before step()"
+        )

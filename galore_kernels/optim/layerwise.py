@@ -1,0 +1,140 @@
+"""Layer-wise updates: each parameter steps inside backward, from a post-accumulate-grad hook.
+
+The hook takes the gradient off ``param.grad`` as soon as autograd has accumulated it, so at most the
+gradient of the parameter being processed is alive. With ``accumulation_steps=k`` a parameter steps on
+its k-th backward pass; until then its window keeps either
+
+* the sum of its projected gradients, fp32 (r × k), when the window holds no refresh step, or
+* the sum of its full gradients, in the gradient's dtype (what ``.grad`` would hold), on the window of
+  its refresh step — the refresh needs the summed full gradient — and for parameters without projection.
+
+Summing full gradients here adds them in the order and dtype autograd would, so those windows match a
+non-layer-wise run bit for bit; a projected sum B·G₁ + … + B·G_k differs from B·(G₁ + … + G_k) by fp32
+rounding only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.weak import WeakTensorKeyDictionary
+
+from .. import projector as proj
+from ..reference import project
+from ..state import is_galore, matrix_shape
+
+__all__ = ["Window", "LayerwiseHooks"]
+
+# Parameters hooked by some layer-wise optimizer: a second one would find .grad already taken.
+_HOOKED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+@dataclass
+class Window:
+    """One parameter's gradients since its last step: how many, and their sum (full or projected)."""
+
+    count: int = 0
+    full: torch.Tensor | None = None
+    projected: torch.Tensor | None = None
+
+    def add_full(self, grad: torch.Tensor) -> None:
+        self.full = grad if self.full is None else self.full.add_(grad)
+
+    def add_projected(self, s: torch.Tensor) -> None:
+        self.projected = s if self.projected is None else self.projected.add_(s)
+
+
+class LayerwiseHooks:
+    """The hooks and open windows of a layer-wise optimizer; ``close`` hands a window to the optimizer.
+
+    ``prepare(group, param)`` returns the parameter's state (created on first use); ``close(group, param,
+    window)`` steps the parameter from its window.
+    """
+
+    def __init__(
+        self,
+        accumulation_steps: int,
+        prepare: Callable[[dict[str, Any], torch.Tensor], dict[str, Any]],
+        close: Callable[[dict[str, Any], torch.Tensor, Window], None],
+        check_grad: Callable[[torch.Tensor], None],
+    ) -> None:
+        self.accumulation_steps = accumulation_steps
+        self._prepare = prepare
+        self._close = close
+        self._check_grad = check_grad
+        self._handles: dict[torch.Tensor, Any] = {}
+        self._group_of: dict[torch.Tensor, dict[str, Any]] = {}
+        self.windows: dict[torch.Tensor, Window] = {}
+
+    def attach(self, group: dict[str, Any]) -> None:
+        """Hook every parameter of ``group`` that requires grad (others step in ``optimizer.step()``)."""
+        params = [p for p in group["params"] if p.requires_grad and p not in self._handles]
+        for param in params:
+            if param in _HOOKED:
+                raise RuntimeError(
+                    f"a parameter of shape {tuple(param.shape)} already steps in another layer-wise optimizer; "
+                    "call detach_hooks() on that one first"
+                )
+        for param in params:
+            self._group_of[param] = group
+            self._handles[param] = param.register_post_accumulate_grad_hook(self._on_grad)
+            _HOOKED[param] = self
+
+    def regroup(self, param_groups: list[dict[str, Any]]) -> None:
+        """Point the hooks at new group dicts holding the same parameters (after ``load_state_dict``)."""
+        self._group_of = {p: g for g in param_groups for p in g["params"] if p in self._handles}
+
+    def detach(self) -> None:
+        self.refuse_if_open("detach the hooks")
+        for param, handle in self._handles.items():
+            handle.remove()
+            _HOOKED.pop(param, None)
+        self._handles.clear()
+        self._group_of.clear()
+
+    def refuse_if_open(self, action: str) -> None:
+        """Raise when a window is open: its gradients live only here and would be lost."""
+        if self.windows:
+            count = next(iter(self.windows.values())).count
+            raise RuntimeError(
+                f"cannot {action} in the middle of an accumulation window ({len(self.windows)} parameters hold "
+                f"gradients of {count} of {self.accumulation_steps} backward passes); call optimizer.step() first"
+            )
+
+    def close_all(self) -> None:
+        """Step every parameter whose window is open (it got fewer than k gradients since its last step)."""
+        for param in list(self.windows):
+            self._close(self._group_of[param], param, self.windows.pop(param))
+
+    def held_bytes(self) -> tuple[int, int]:
+        """Bytes of (full, projected) gradient sums held in open windows right now."""
+        full = sum(w.full.numel() * w.full.element_size() for w in self.windows.values() if w.full is not None)
+        low = sum(
+            w.projected.numel() * w.projected.element_size() for w in self.windows.values() if w.projected is not None
+        )
+        return full, low
+
+    @torch.no_grad()
+    def _on_grad(self, param: torch.Tensor) -> None:
+        group = self._group_of[param]
+        self._check_grad(param)
+        grad, param.grad = param.grad, None
+        state = self._prepare(group, param)
+        window = self.windows.setdefault(param, Window())
+        window.count += 1
+        if self._keeps_full_gradient(group, param, state):
+            window.add_full(grad)
+        else:
+            g = grad.reshape(matrix_shape(param))
+            window.add_projected(project(state, g, proj.resolve_side(group["proj_type"], tuple(g.shape))))
+        del grad  # the full gradient is released here, before the step
+        if window.count == self.accumulation_steps:
+            self._close(group, param, self.windows.pop(param))
+
+    def _keeps_full_gradient(self, group: dict[str, Any], param: torch.Tensor, state: dict[str, Any]) -> bool:
+        if self.accumulation_steps == 1 or not is_galore(param, group):
+            return True  # nothing to sum (k = 1) or nothing to project into
+        return proj.is_refresh_step(state["step"], group["update_proj_gap"], state["refresh_offset"])
