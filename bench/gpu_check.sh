@@ -31,11 +31,11 @@ run() {  # run NAME SECONDS COMMAND...: log to $out/NAME.log, remember the exit 
 }
 
 run tests_cuda 150 $py -m pytest -q -p no:cacheprovider -m cuda tests
-run tests_kernels 90 $py -m pytest -q -p no:cacheprovider tests/test_kernels_gemm.py tests/test_kernels_elementwise.py \
+run tests_kernels 75 $py -m pytest -q -p no:cacheprovider tests/test_kernels_gemm.py tests/test_kernels_elementwise.py \
   tests/test_kernels_quant.py tests/test_optim_backends.py tests/test_kernels_sizes.py
-run tests_rest 60 $py -m pytest -q -p no:cacheprovider tests -m "not cuda" --ignore=tests/test_aot.py \
+run tests_rest 90 $py -m pytest -q -p no:cacheprovider tests -m "not cuda" --ignore=tests/test_aot.py \
   --ignore=tests/test_kernels_gemm.py --ignore=tests/test_kernels_elementwise.py --ignore=tests/test_kernels_quant.py \
   --ignore=tests/test_optim_backends.py --ignore=tests/test_kernels_sizes.py
-run bench_gpu 150 $py bench/bench_gpu.py --quick
+run bench_gpu 135 $py bench/bench_gpu.py --quick
 cat "$out/status.txt"
 ! grep -qv " exit 0$" "$out/status.txt"

@@ -71,6 +71,11 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
         """Whether parameters step inside backward (until :meth:`detach_hooks`)."""
         return self._hooks is not None
 
+    @property
+    def accumulation_steps(self) -> int:
+        """Backward passes per layer-wise step (1 when not layer-wise)."""
+        return 1 if self._hooks is None else self._hooks.accumulation_steps
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         try:
@@ -353,6 +358,23 @@ class GaLoreAdamW(_GaLoreAdamBase):
 
     A gradient holding NaN or Inf skips that parameter's step (weights, moments and projector untouched),
     counts it in ``state[p]["nonfinite_skips"]`` and warns once; ``nonfinite="raise"`` raises instead.
+
+    Layer-wise (``layerwise=True``) each parameter steps inside backward as soon as its gradient is
+    ready, and the gradient is freed at once. ``accumulation_steps=k`` steps on every k-th backward pass,
+    summing projected gradients in a low-rank fp32 buffer between (full gradients only in the window of
+    a parameter's refresh step). ``refresh_schedule="spread"`` staggers parameters' refresh steps over the
+    T-step window. ``max_grad_norm`` clips each step's gradients by min(1, max_grad_norm / ‖g_{t−1}‖),
+    the previous step's global norm (the current one is only known once backward ends).
+    ``last_grad_norm`` holds the global norm of the latest step's gradients in both modes; layer-wise
+    with k > 1, a parameter whose window summed projections contributes the norm of that projected sum.
+    Call ``step()`` once per optimizer step either way; it closes the step. Example::
+
+        optimizer = GaLoreAdamW(groups, lr=1e-3, layerwise=True, accumulation_steps=4)
+        for i, batch in enumerate(loader):
+            model(**batch).loss.backward()  # parameters step inside every 4th backward
+            if (i + 1) % 4 == 0:
+                optimizer.step()
+                scheduler.step()
     """
 
     def __init__(

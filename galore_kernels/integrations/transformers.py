@@ -1,0 +1,309 @@
+"""Hugging Face ``transformers``: GaLore param groups, ``Trainer``-style optimizer names, the logged grad norm.
+
+``Trainer`` builds GaLore optimizers from galore-torch; here the same names, ``optim_args`` and
+``optim_target_modules`` build this package's optimizers, which are handed to ``Trainer`` ready made::
+
+    from transformers import Trainer, TrainingArguments
+    from galore_kernels.integrations.transformers import GaLoreGradNormCallback, create_optimizer
+
+    args = TrainingArguments(output_dir="out", learning_rate=1e-2, gradient_accumulation_steps=4,
+                             max_grad_norm=0.0)  # Trainer's clipping finds no gradients layer-wise
+    model.to(args.device)  # first, as for any optimizer given to Trainer
+    optimizer = create_optimizer(
+        model, "galore_adamw_8bit_layerwise", "rank=128,update_proj_gap=200,scale=0.25,max_grad_norm=1.0",
+        lr=args.learning_rate, target_modules=["attn", "mlp"],
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, None),
+                      callbacks=[GaLoreGradNormCallback(optimizer)])
+    trainer.train()
+
+Unlike ``Trainer``'s own layer-wise GaLore, which refuses gradient accumulation, the layer-wise names here
+accumulate: a parameter steps on its k-th backward pass, and ``Trainer``'s call to ``optimizer.step()``
+once per optimizer step closes the step (``Trainer``'s accelerate wrapper makes that call only at the
+end of an accumulation). Clipping is the optimizer's there (``max_grad_norm`` in ``optim_args``), and
+:class:`GaLoreGradNormCallback` logs the gradient norm ``Trainer`` cannot see. Checkpoints save and resume
+through ``Trainer`` as usual; it reloads optimizer state with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+try:
+    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+except ImportError as error:  # the package itself needs no transformers; only this module does
+    raise ImportError(
+        "galore_kernels.integrations.transformers needs transformers (and accelerate for its Trainer): "
+        "pip install transformers accelerate"
+    ) from error
+
+from ..optim import GaLoreAdamW, GaLoreAdamW8bit
+
+__all__ = ["OPTIMIZER_NAMES", "galore_param_groups", "create_optimizer", "GaLoreGradNormCallback"]
+
+OPTIMIZER_NAMES = ("galore_adamw", "galore_adamw_8bit", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise")
+
+# optim_args keys and the type a string value is converted to: galore-torch's four and our refresh knobs
+# go into the projected param group; the rest are constructor arguments.
+_GROUP_KEYS: dict[str, type] = {
+    "rank": int,
+    "update_proj_gap": int,
+    "scale": float,
+    "proj_type": str,
+    "svd": str,
+    "svd_oversample": int,
+    "svd_power_iters": int,
+}
+_OPTIMIZER_KEYS: dict[str, type] = {"refresh_schedule": str, "seed": int}
+# Clipping by the previous step's norm exists only in layer-wise mode; otherwise Trainer clips .grad itself.
+_LAYERWISE_KEYS: dict[str, type] = {"max_grad_norm": float}
+
+
+def galore_param_groups(
+    model: nn.Module,
+    target_modules: str | Sequence[str],
+    *,
+    rank: int = 128,
+    update_proj_gap: int = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    weight_decay: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Param groups that project the weights of the ``nn.Linear`` modules ``target_modules`` selects.
+
+    Modules are selected as ``Trainer`` selects them for its ``optim_target_modules``: ``"all-linear"``
+    (or ``"all_linear"``) takes every ``nn.Linear`` — the output head ``lm_head`` included, as in
+    ``Trainer`` (PEFT's ``"all-linear"`` leaves it out); another string is a regex that must match a
+    module's whole name; a list selects a module whose name contains an entry or fully matches one as a
+    regex. Only the ``weight`` of a selected ``nn.Linear`` is projected; embeddings, norms and biases
+    never are. A weight is found by its name, so one tied to an embedding (listed under the
+    embedding's name) stays AdamW, again as in ``Trainer``.
+
+    Returns ``[plain, projected]``: every other trainable parameter in one AdamW group, the selected
+    weights in a group with ``rank``, ``update_proj_gap``, ``scale`` and ``proj_type``; both groups get
+    ``weight_decay``. Frozen parameters (``requires_grad=False``) are in neither group.
+
+    Raises ``ValueError`` when ``target_modules`` is neither a string nor a list of strings, holds an
+    invalid regex, or selects no trainable ``nn.Linear`` weight.
+
+    Example::
+
+        groups = galore_param_groups(model, [r".*\\.(q|v)_proj", "mlp"], rank=64)
+        optimizer = GaLoreAdamW(groups, lr=1e-2)
+    """
+    all_linear = isinstance(target_modules, str) and target_modules.replace("_", "-") == "all-linear"
+    if not all_linear:
+        _check_target_modules(target_modules)
+    linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    selected = [name for name in linear if all_linear or _selects(target_modules, name)]
+    if not selected:
+        raise ValueError(
+            f"target_modules {target_modules!r} matches no nn.Linear module; this model's nn.Linear modules "
+            f"include {linear[:6]}"
+        )
+    weight_names = {f"{name}.weight" if name else "weight" for name in selected}
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    projected = [p for name, p in trainable if name in weight_names]
+    if not projected:
+        raise ValueError(f"target_modules {target_modules!r} matches only frozen nn.Linear weights: {selected[:6]}")
+    return [
+        {"params": [p for name, p in trainable if name not in weight_names], "weight_decay": weight_decay},
+        {
+            "params": projected,
+            "rank": rank,
+            "update_proj_gap": update_proj_gap,
+            "scale": scale,
+            "proj_type": proj_type,
+            "weight_decay": weight_decay,
+        },
+    ]
+
+
+def _check_target_modules(target_modules: Any) -> None:
+    patterns = [target_modules] if isinstance(target_modules, str) else target_modules
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(
+            f"target_modules must be 'all-linear', a regex string or a list of substrings/regexes, "
+            f"got {target_modules!r}"
+        )
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"target_modules entry {pattern!r} is not a valid regex: {error}") from None
+
+
+def _selects(target_modules: str | Sequence[str], name: str) -> bool:
+    """transformers' ``check_target_module_exists``, the matcher behind ``optim_target_modules``."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(pattern in name or re.fullmatch(pattern, name) for pattern in target_modules)
+
+
+def create_optimizer(
+    model: nn.Module,
+    optim: str,
+    optim_args: str | Mapping[str, Any] | None = None,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    target_modules: str | Sequence[str] = ("attn", "mlp"),
+    gradient_accumulation_steps: int = 1,
+) -> torch.optim.Optimizer:
+    """The optimizer ``Trainer`` would build for ``optim`` with galore-torch, built from this package.
+
+    ``optim`` is one of ``OPTIMIZER_NAMES``: ``galore_adamw`` and ``galore_adamw_8bit`` give
+    :class:`~galore_kernels.GaLoreAdamW` / :class:`~galore_kernels.GaLoreAdamW8bit`; the ``_layerwise``
+    names give the same classes with ``layerwise=True, accumulation_steps=gradient_accumulation_steps``,
+    each parameter stepping inside backward. Pass ``Trainer``'s ``gradient_accumulation_steps`` for those;
+    the other names ignore it, since ``Trainer`` then accumulates in ``.grad`` and steps once.
+
+    ``optim_args`` is ``TrainingArguments.optim_args``' string form (``"rank=512,update_proj_gap=200,
+    scale=1.8,proj_type=std"``) or a dict. Keys: galore-torch's ``rank``, ``update_proj_gap``, ``scale``,
+    ``proj_type`` and ``svd``, ``svd_oversample``, ``svd_power_iters`` (param-group keys of the projected
+    group), ``refresh_schedule`` and ``seed`` (constructor arguments), and for layer-wise names
+    ``max_grad_norm``: clipping by the previous step's global gradient norm, the clipping that works in
+    layer-wise mode (``TrainingArguments.max_grad_norm`` does nothing there, gradients being gone by the
+    time ``Trainer`` clips). String values are converted to int, float or str by key. Parameters are
+    grouped by :func:`galore_param_groups` with ``target_modules`` (``Trainer``'s
+    ``optim_target_modules``).
+
+    Raises ``ValueError`` for an unknown name or key, a value that does not convert, or a value the
+    optimizer refuses (``rank=0``), naming it and what is accepted.
+
+    Example::
+
+        optimizer = create_optimizer(model, "galore_adamw_8bit", "rank=128,scale=0.25", lr=1e-2)
+        trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, None))
+    """
+    if optim not in OPTIMIZER_NAMES:
+        raise ValueError(f"optim must be one of {OPTIMIZER_NAMES}, got {optim!r}")
+    layerwise = optim.endswith("_layerwise")
+    accepted = {**_GROUP_KEYS, **_OPTIMIZER_KEYS, **(_LAYERWISE_KEYS if layerwise else {})}
+    options = _parse_optim_args(optim_args, accepted, optim)
+    groups = galore_param_groups(model, target_modules, weight_decay=weight_decay)
+    groups[1].update({key: options.pop(key) for key in list(options) if key in _GROUP_KEYS})
+    if layerwise:
+        options.update(layerwise=True, accumulation_steps=gradient_accumulation_steps)
+    optimizer_class = GaLoreAdamW8bit if "_8bit" in optim else GaLoreAdamW
+    return optimizer_class(groups, lr=lr, weight_decay=weight_decay, **options)
+
+
+def _parse_optim_args(optim_args: str | Mapping[str, Any] | None, accepted: dict[str, type], optim: str) -> dict:
+    """``optim_args`` as a dict of typed values; strings convert by key, other values are checked later."""
+    if optim_args is None:
+        return {}
+    if isinstance(optim_args, str):
+        items = []
+        # Trainer's own parser drops every space and splits on "," then "=".
+        for item in filter(None, optim_args.replace(" ", "").split(",")):
+            key, equals, value = item.partition("=")
+            if not equals or "=" in value:
+                raise ValueError(f"optim_args entries must be key=value, got {item!r} in {optim_args!r}")
+            items.append((key, value))
+    elif isinstance(optim_args, Mapping):
+        items = list(optim_args.items())
+    else:
+        raise ValueError(f"optim_args must be a 'key=value,...' string or a dict, got {optim_args!r}")
+    options = {}
+    for key, value in items:
+        if key not in accepted:
+            hint = ""
+            if key in _LAYERWISE_KEYS:
+                hint = (
+                    f" ({key} is for the layer-wise names; with {optim!r}, Trainer clips .grad itself: set "
+                    f"TrainingArguments.{key})"
+                )
+            raise ValueError(f"unknown optim_args key {key!r} for {optim!r}{hint}; accepted keys: {sorted(accepted)}")
+        if isinstance(value, str):
+            try:
+                value = accepted[key](value)
+            except ValueError:
+                raise ValueError(f"optim_args {key}={value!r}: expected {accepted[key].__name__}") from None
+        options[key] = value
+    return options
+
+
+class GaLoreGradNormCallback(TrainerCallback):
+    """Logs the true gradient norm of a layer-wise optimizer, where ``Trainer`` logs ``grad_norm`` 0.
+
+    ``Trainer`` computes ``grad_norm`` from ``.grad`` just before ``optimizer.step()`` (clipping to
+    ``max_grad_norm`` on the way) and logs the value of the latest optimizer step — not an average over
+    the steps since the previous log, as it does for ``loss``. A layer-wise optimizer has consumed and
+    freed every gradient inside backward by then, so ``Trainer`` sees none and logs 0. This callback puts
+    the optimizer's ``last_grad_norm`` — the global L2 norm of the latest step's gradient, summed over its
+    micro-batches as ``Trainer``'s is — in its place, in the ``logs`` that ``on_log`` receives and in
+    ``state.log_history`` (which keeps its own copy). With a non-layer-wise optimizer it changes nothing:
+    ``Trainer``'s value is right there.
+
+    With ``gradient_accumulation_steps > 1`` the two norms differ between projector refreshes: there the
+    optimizer sums a projected weight's micro-batch gradients in the subspace, never holding their full
+    sum, so the weight contributes the norm of its projected gradient — the part GaLore steps on, at most
+    the full gradient's norm. On its refresh steps, and for every other parameter, the norm is
+    ``Trainer``'s. The optimizer's ``max_grad_norm`` clips by this same norm.
+
+    ``Trainer`` calls ``on_log`` in callback order: its flow callback, the ``report_to`` integrations,
+    the ``callbacks=`` given to it, then the console printer. Given in ``callbacks=``, this one corrects
+    ``state.log_history`` (so ``trainer_state.json``) and the console; for integrations to report the true
+    norm too, put it first: ``trainer.callback_handler.callbacks.insert(0, callback)``.
+
+    It also checks the layer-wise set-up when training starts: an optimizer whose ``accumulation_steps``
+    is smaller than ``gradient_accumulation_steps`` would step on partial sums, and raises ``ValueError``;
+    ``TrainingArguments.max_grad_norm > 0`` warns when the optimizer does not clip itself, as ``Trainer``'s
+    clipping finds no gradients in layer-wise mode: pass ``max_grad_norm`` in ``optim_args`` and set
+    ``TrainingArguments(max_grad_norm=0)``.
+
+    Example::
+
+        optimizer = create_optimizer(model, "galore_adamw_layerwise", lr=1e-2)
+        trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, None),
+                          callbacks=[GaLoreGradNormCallback(optimizer)])
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer = optimizer
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if not self.optimizer.layerwise:
+            return
+        if self.optimizer.accumulation_steps < args.gradient_accumulation_steps:
+            raise ValueError(
+                f"the layer-wise optimizer has accumulation_steps={self.optimizer.accumulation_steps}, fewer than "
+                f"gradient_accumulation_steps={args.gradient_accumulation_steps}: it would step before Trainer's "
+                "accumulation ends; build it with create_optimizer(..., "
+                "gradient_accumulation_steps=args.gradient_accumulation_steps)"
+            )
+        if args.max_grad_norm > 0 and self.optimizer.max_grad_norm is None:
+            warnings.warn(
+                f"TrainingArguments.max_grad_norm={args.max_grad_norm} has no effect with a layer-wise "
+                "optimizer (gradients are consumed inside backward, before Trainer clips); pass max_grad_norm "
+                "in optim_args to clip by the previous step's norm, and set TrainingArguments(max_grad_norm=0)",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        norm = self.optimizer.last_grad_norm
+        if not self.optimizer.layerwise or norm is None or logs is None or "grad_norm" not in logs:
+            return
+        logs["grad_norm"] = norm
+        # Trainer.log appends {**logs, "step": ...} to log_history just before calling on_log.
+        record = state.log_history[-1]
+        if "grad_norm" in record:
+            record["grad_norm"] = norm
