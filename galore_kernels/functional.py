@@ -27,6 +27,7 @@ __all__ = [
     "adamw_steps",
     "galore_adamw_step",
     "galore_adamw_step_projected",
+    "project_gradient",
 ]
 
 BACKENDS = ("auto", "torch", "triton")
@@ -133,6 +134,17 @@ def galore_adamw_step(
         scale=cfg.scale,
     )
     _backproject_update(param, direction, state, hyper, side)
+
+
+def project_gradient(state: dict[str, Any], g: torch.Tensor, side: str, *, backend: str) -> torch.Tensor:
+    """S = B·G' in fp32 (moment-shaped), for layer-wise accumulation of projected gradients.
+
+    Every backend runs the reference's GEMM (cuBLAS on CUDA): there is no projection-only kernel, and the
+    sum is consumed by kernel A's epilogue later. On CUDA it follows torch's fp32 matmul precision setting
+    (TF32 when enabled), where kernel A uses tf32x3.
+    """
+    check_backend(backend)
+    return reference.project(state, g, side)
 
 
 def galore_adamw_step_projected(

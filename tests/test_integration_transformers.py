@@ -207,6 +207,13 @@ def test_callback_checks_layerwise_setup(tmp_path):
     short = create_optimizer(tiny_llama(), "galore_adamw_layerwise", "max_grad_norm=1", lr=1e-2)
     with pytest.raises(ValueError, match="accumulation_steps=1, fewer than gradient_accumulation_steps=2"):
         call("on_train_begin", short)
+    layerwise = create_optimizer(tiny_llama(), "galore_adamw_layerwise", "max_grad_norm=1", lr=1e-2,
+                                 gradient_accumulation_steps=2)
+    base = dict(world_size=1, fp16=False, gradient_accumulation_steps=2, max_grad_norm=0.0)
+    for changes, message in (({"world_size": 2}, "cannot train with 2 processes"), ({"fp16": True}, "fp16=True")):
+        fake_args = SimpleNamespace(**{**base, **changes})
+        with pytest.raises(ValueError, match=message):
+            GaLoreGradNormCallback(layerwise).on_train_begin(fake_args, TrainerState(), TrainerControl())
     with pytest.warns(UserWarning, match="max_grad_norm=1.0 has no effect with a layer-wise optimizer"):
         call("on_train_begin", create_optimizer(tiny_llama(), "galore_adamw_layerwise", lr=1e-2,
                                                 gradient_accumulation_steps=2))

@@ -157,7 +157,10 @@ def create_optimizer(
     target_modules: str | Sequence[str] = ("attn", "mlp"),
     gradient_accumulation_steps: int = 1,
 ) -> torch.optim.Optimizer:
-    """The optimizer ``Trainer`` would build for ``optim`` with galore-torch, built from this package.
+    """This package's optimizer for a ``Trainer`` GaLore name, ready for ``Trainer(optimizers=(opt, None))``.
+
+    Unlike ``Trainer``'s own builder, ``betas`` and ``eps`` are the classes' defaults and ``weight_decay``
+    applies to both groups.
 
     ``optim`` is one of ``OPTIMIZER_NAMES``: ``galore_adamw`` and ``galore_adamw_8bit`` give
     :class:`~galore_kernels.GaLoreAdamW` / :class:`~galore_kernels.GaLoreAdamW8bit`; the ``_layerwise``
@@ -254,8 +257,10 @@ class GaLoreGradNormCallback(TrainerCallback):
     ``state.log_history`` (so ``trainer_state.json``) and the console; for integrations to report the true
     norm too, put it first: ``trainer.callback_handler.callbacks.insert(0, callback)``.
 
-    It also checks the layer-wise set-up when training starts: an optimizer whose ``accumulation_steps``
-    is smaller than ``gradient_accumulation_steps`` would step on partial sums, and raises ``ValueError``;
+    It also checks the layer-wise set-up when training starts. ``ValueError`` for: more than one process
+    (the hooks would step before gradients are all-reduced), ``fp16=True`` (the GradScaler unscales after
+    the parameters have stepped; ``bf16=True`` needs no scaler), and an optimizer whose
+    ``accumulation_steps`` is smaller than ``gradient_accumulation_steps`` (it would step on partial sums);
     ``TrainingArguments.max_grad_norm > 0`` warns when the optimizer does not clip itself, as ``Trainer``'s
     clipping finds no gradients in layer-wise mode: pass ``max_grad_norm`` in ``optim_args`` and set
     ``TrainingArguments(max_grad_norm=0)``.
@@ -275,6 +280,16 @@ class GaLoreGradNormCallback(TrainerCallback):
     ) -> None:
         if not self.optimizer.layerwise:
             return
+        if args.world_size > 1:
+            raise ValueError(
+                f"a layer-wise optimizer cannot train with {args.world_size} processes: its hooks step before "
+                "gradients are all-reduced; use a non-layer-wise name"
+            )
+        if args.fp16:
+            raise ValueError(
+                "a layer-wise optimizer cannot train with fp16=True: the GradScaler unscales gradients after "
+                "backward, when the parameters have already stepped; use bf16=True (no scaler) instead"
+            )
         if self.optimizer.accumulation_steps < args.gradient_accumulation_steps:
             raise ValueError(
                 f"the layer-wise optimizer has accumulation_steps={self.optimizer.accumulation_steps}, fewer than "
@@ -300,10 +315,10 @@ class GaLoreGradNormCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         norm = self.optimizer.last_grad_norm
-        if not self.optimizer.layerwise or norm is None or logs is None or "grad_norm" not in logs:
+        # Training logs carry "loss"; transformers before 5 log no grad_norm at all when max_grad_norm is 0.
+        if not self.optimizer.layerwise or norm is None or logs is None or "loss" not in logs:
             return
         logs["grad_norm"] = norm
         # Trainer.log appends {**logs, "step": ...} to log_history just before calling on_log.
-        record = state.log_history[-1]
-        if "grad_norm" in record:
-            record["grad_norm"] = norm
+        if state.log_history and "loss" in state.log_history[-1]:
+            state.log_history[-1]["grad_norm"] = norm

@@ -136,8 +136,9 @@ def project_adam(
     for 16-bit weights: its rounding (2^-9 relative for bf16) is far below that of storing the weight.
     """
     upcast = upcast_dot(projector.dtype, g_oriented.dtype)
+    (r, d), k = projector.shape, g_oriented.shape[1]
     return _launch(
-        projector, g_oriented, None, state, projector.dtype, (beta1, beta2, eps, scale),
+        (r, d, k), projector, g_oriented, None, state, projector.dtype, (beta1, beta2, eps, scale),
         upcast=upcast, dot_dtype=torch.float32 if upcast else projector.dtype,
     )
 
@@ -155,10 +156,14 @@ def projected_adam(
     """Kernel A's epilogue alone: update the moments with a given contiguous fp32 S (r × k), return N."""
     if s.dtype != torch.float32 or not s.is_contiguous():
         raise ValueError(f"s must be a contiguous fp32 tensor, got {s.dtype} with strides {s.stride()}")
-    return _launch(s, s, s, state, out_dtype, (beta1, beta2, eps, scale), upcast=False, dot_dtype=torch.float32)
+    # No GEMM runs: S stands in for the projector and gradient operands, which are never read.
+    (r, k), d = s.shape, 0
+    return _launch((r, d, k), s, s, s, state, out_dtype, (beta1, beta2, eps, scale), upcast=False,
+                   dot_dtype=torch.float32)
 
 
 def _launch(
+    shape: tuple[int, int, int],
     projector: torch.Tensor,
     g_oriented: torch.Tensor,
     s: torch.Tensor | None,
@@ -169,9 +174,7 @@ def _launch(
     upcast: bool,
     dot_dtype: torch.dtype,
 ) -> torch.Tensor:
-    # With a given S, ``projector`` and ``g_oriented`` are S itself: only the (r, k) shape is read.
-    r, k = (s.shape[0], s.shape[1]) if s is not None else (projector.shape[0], g_oriented.shape[1])
-    d = 0 if s is not None else projector.shape[1]
+    r, d, k = shape
     quantized = "exp_avg_absmax" in state
     out = torch.empty((r, k), dtype=out_dtype, device=projector.device)
     n_blocks = triton.cdiv(k, BLOCK_SIZE)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable
 from itertools import chain
@@ -13,6 +12,7 @@ import torch
 from .. import functional
 from ..reference import AdamHyper, GaLoreConfig
 from ..state import init_state, is_galore
+from .grad_norm import GradNorm
 from .layerwise import LayerwiseHooks, Window
 from .param_groups import NONFINITE_MODES, check_group, check_hyper, check_layerwise
 
@@ -56,15 +56,30 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
         self.min_8bit_size = min_8bit_size
         self.refresh_schedule = refresh_schedule
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
-        self.last_grad_norm: float | None = None
-        self._norm_sq = 0.0  # Σ‖g‖² over the parameters stepped since the last step() (layer-wise mode)
-        self._stepped = 0
+        self._grad_norm = GradNorm()
+        self._stepped_in_backward: set[int] = set()  # ids of parameters a hook stepped since the last step()
         self._warned_nonfinite = False
         self._hooks = (
-            LayerwiseHooks(accumulation_steps, self._prepare, self._close_window, _check_grad) if layerwise else None
+            LayerwiseHooks(accumulation_steps, backend, self._prepare, self._close_window, _check_grad)
+            if layerwise
+            else None
         )
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
-        super().__init__(params, defaults)
+        try:
+            super().__init__(params, defaults)
+        except Exception:
+            if self._hooks is not None:  # hooks of the groups added before the bad one must not outlive us
+                self._hooks.detach()
+            raise
+
+    @property
+    def last_grad_norm(self) -> float | None:
+        """Global L2 norm of the latest step's gradients (NaN/Inf included); None before the first step.
+
+        Layer-wise with ``accumulation_steps > 1``, a projected weight whose window summed projections
+        contributes the norm of that projected sum: the full sum is never formed (it is at most the full norm).
+        """
+        return self._grad_norm.last
 
     @property
     def layerwise(self) -> bool:
@@ -84,16 +99,29 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         if self._hooks is not None:
-            self._hooks.attach(self.param_groups[-1])
+            try:
+                self._hooks.attach(self.param_groups[-1])
+            except RuntimeError:
+                self.param_groups.pop()
+                raise
 
     def detach_hooks(self) -> None:
         """Remove the layer-wise hooks; from then on ``step()`` steps every parameter as usual.
 
-        Raises ``RuntimeError`` in the middle of an accumulation window (call ``step()`` first).
+        Raises ``RuntimeError`` in the middle of an accumulation window (call ``step()`` first). Clipping
+        by ``max_grad_norm`` is layer-wise only: it stops, with a warning.
         """
         if self._hooks is not None:
             self._hooks.detach()
             self._hooks = None
+            if self.max_grad_norm is not None:
+                warnings.warn(
+                    "detach_hooks(): max_grad_norm clipping is off from now on; clip with "
+                    "torch.nn.utils.clip_grad_norm_ before step()",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                self.max_grad_norm = None
 
     def accumulation_bytes(self) -> tuple[int, int]:
         """Bytes of (full, low-rank) gradient sums held by open layer-wise accumulation windows."""
@@ -128,14 +156,16 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
         """Step ``param`` from a layer-wise window: check, record and clip its summed gradient, then step."""
         grad = window.full if window.full is not None else window.projected
         norm = float(torch.linalg.vector_norm(grad, dtype=torch.float32))
-        self._norm_sq += norm * norm
-        self._stepped += 1
-        if not norm < _MAX_GRAD_NORM:  # NaN compares False
+        admitted = norm < _MAX_GRAD_NORM  # NaN compares False
+        self._grad_norm.add(norm * norm, norm * norm if admitted else 0.0)
+        if not admitted:
             if self.nonfinite == "raise":
-                raise RuntimeError(_nonfinite_message(param))
+                self._grad_norm.discard()
+                raise RuntimeError(_nonfinite_message(param) + _LAYERWISE_RAISE)
             self._skip_nonfinite(param, self.state[param])
             return
-        coef = self._clip_coef()
+        self._stepped_in_backward.add(id(param))
+        coef = self._grad_norm.clip_coef(self.max_grad_norm)
         if coef < 1.0:
             grad.mul_(coef)
         hyper = _adam_hyper(group)
@@ -149,26 +179,21 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
         else:
             functional.adamw_steps([param], [grad], [state], hyper, backend=self.backend)
 
-    def _clip_coef(self) -> float:
-        """Layer-wise clipping by the previous step's global norm: min(1, max_grad_norm / (‖g_{t−1}‖ + 1e-6))."""
-        if self.max_grad_norm is None or self.last_grad_norm is None:
-            return 1.0
-        return min(1.0, self.max_grad_norm / (self.last_grad_norm + 1e-6))
-
-    def _finite_flags(self, grads: list[torch.Tensor]) -> tuple[list[bool], float]:
-        """Whether each gradient can be stepped on, and Σ‖g‖², with one host sync for the whole step.
+    def _finite_flags(self, grads: list[torch.Tensor]) -> tuple[list[bool], float, float]:
+        """Whether each gradient can be stepped on, Σ‖g‖² over all and over those: one host sync in all.
 
         A gradient is refused when it holds NaN or Inf, or when its norm reaches 2^63: past that, its
         projection squared can overflow fp32 in Adam's second moment (and the refresh's products), which
         would poison the state as surely as a NaN. One fp32 norm per gradient decides both.
         """
         if not grads:
-            return [], 0.0
+            return [], 0.0, 0.0
         device = grads[0].device
-        norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).to(device) for g in grads])
-        flags_and_sum = torch.cat([norms < _MAX_GRAD_NORM, norms.square().sum().reshape(1)])  # NaN compares False
-        *flags, norm_sq = flags_and_sum.tolist()
-        return [bool(f) for f in flags], norm_sq
+        squares = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).to(device) for g in grads]).square()
+        finite = squares < _MAX_GRAD_NORM**2  # NaN compares False
+        sums = torch.stack([squares.sum(), torch.where(finite, squares, 0.0).sum()])
+        *flags, norm_sq, applied_sq = torch.cat([finite, sums]).tolist()
+        return [bool(f) for f in flags], norm_sq, applied_sq
 
     def _skip_nonfinite(self, param: torch.Tensor, state: dict[str, Any]) -> None:
         state["nonfinite_skips"] += 1
@@ -194,17 +219,18 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._hooks is not None:
-            self._hooks.close_all()
         work = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if self._hooks is not None:
+            self._refuse_second_gradients(work)
+            self._hooks.close_all()
         for _, p in work:
             _check_grad(p)
-        finite, norm_sq = self._finite_flags([p.grad for _, p in work])
+        finite, norm_sq, applied_sq = self._finite_flags([p.grad for _, p in work])
         if self.nonfinite == "raise" and not all(finite):  # before any state or weight changes
+            self._grad_norm.discard()
             raise RuntimeError(_nonfinite_message(work[finite.index(False)][1]))
-        self._norm_sq += norm_sq
-        self._stepped += len(work)
-        coef = self._clip_coef() if self._hooks is not None else 1.0
+        coef = self._grad_norm.clip_coef(self.max_grad_norm)  # 1 unless layer-wise clipping is on
+        self._grad_norm.add(norm_sq, applied_sq, len(work))
         self._init_missing_state(work)
         steps: dict[int, list[torch.Tensor]] = {}
         for (group, p), grad_is_finite in zip(work, finite):
@@ -226,13 +252,22 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
                     functional.galore_adamw_step(
                         p, p.grad, self.state[p], hyper, _galore_config(group), backend=self.backend
                     )
-        if self._stepped:
-            self.last_grad_norm = math.sqrt(self._norm_sq)
-        self._norm_sq, self._stepped = 0.0, 0
+        self._grad_norm.finish()
+        self._stepped_in_backward.clear()
         return loss
 
+    def _refuse_second_gradients(self, work: list[tuple[dict[str, Any], torch.Tensor]]) -> None:
+        """A parameter that stepped inside backward must not come with a gradient again in ``step()``."""
+        again = [p for _, p in work if id(p) in self._stepped_in_backward]
+        if again:
+            raise RuntimeError(
+                f"{len(again)} parameters (first of shape {tuple(again[0].shape)}) stepped inside backward and have "
+                ".grad set again: layer-wise mode does not work with DDP/FSDP (they write reduced gradients into "
+                ".grad after backward) or with code that sets .grad of hooked parameters; use layerwise=False there"
+            )
+
     def state_dict(self) -> dict[str, Any]:
-        """torch's state dict plus ``"galore_kernels": {"last_grad_norm": …}`` (layer-wise clipping uses it).
+        """torch's state dict plus ``"galore_kernels"``: the last step's gradient norms (clipping uses them).
 
         Raises ``RuntimeError`` in the middle of a layer-wise accumulation window, whose gradient sums are
         not state and would be lost: save after ``step()``.
@@ -240,7 +275,7 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
         if self._hooks is not None:
             self._hooks.refuse_if_open("save the optimizer state")
         state_dict = super().state_dict()
-        state_dict["galore_kernels"] = {"last_grad_norm": self.last_grad_norm}
+        state_dict["galore_kernels"] = self._grad_norm.state_dict()
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -252,6 +287,14 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
         floating-point state to the parameter's dtype, which would turn fp32 moments of a bf16
         parameter into bf16; the tensors are restored as saved, moved to the parameter's device.
         """
+        # Projected parameters' state from before refresh_offset existed (0.1.0) had the aligned schedule.
+        state_dict = {
+            **state_dict,
+            "state": {
+                pid: {**st, "refresh_offset": 0} if "seed" in st and "refresh_offset" not in st else st
+                for pid, st in state_dict["state"].items()
+            },
+        }
         saved_groups = [dict(g) for g in state_dict["param_groups"]]
         for group in saved_groups:
             check_group(group)
@@ -272,7 +315,7 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
         if self._hooks is not None:
             self._hooks.refuse_if_open("load an optimizer state")
         super().load_state_dict({"state": state_dict["state"], "param_groups": saved_groups})
-        self.last_grad_norm = state_dict.get("galore_kernels", {}).get("last_grad_norm")
+        self._grad_norm.load_state_dict(state_dict.get("galore_kernels", {}))
         if self._hooks is not None:
             self._hooks.regroup(self.param_groups)  # torch's load_state_dict made new group dicts
         for param_id, saved in state_dict["state"].items():
@@ -312,6 +355,11 @@ def _check_grad(param: torch.Tensor) -> None:
         )
     if grad.shape != param.shape:
         raise RuntimeError(f"gradient shape {tuple(grad.shape)} does not match parameter {tuple(param.shape)}")
+
+
+_LAYERWISE_RAISE = (
+    " (layer-wise: raised inside backward; parameters whose hooks ran earlier in it have already stepped)"
+)
 
 
 def _nonfinite_message(param: torch.Tensor) -> str:

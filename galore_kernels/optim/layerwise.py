@@ -15,6 +15,7 @@ rounding only.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,8 +23,8 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from .. import functional
 from .. import projector as proj
-from ..reference import project
 from ..state import is_galore, matrix_shape
 
 __all__ = ["Window", "LayerwiseHooks"]
@@ -51,19 +52,24 @@ class LayerwiseHooks:
     """The hooks and open windows of a layer-wise optimizer; ``close`` hands a window to the optimizer.
 
     ``prepare(group, param)`` returns the parameter's state (created on first use); ``close(group, param,
-    window)`` steps the parameter from its window.
+    window)`` steps the parameter from its window. Both are the optimizer's bound methods, held weakly:
+    the parameters' hooks must not keep a deleted optimizer alive and stepping. Once it is gone the hooks
+    do nothing (gradients stay in ``.grad``), and the next layer-wise optimizer on those parameters
+    removes them.
     """
 
     def __init__(
         self,
         accumulation_steps: int,
+        backend: str,
         prepare: Callable[[dict[str, Any], torch.Tensor], dict[str, Any]],
         close: Callable[[dict[str, Any], torch.Tensor, Window], None],
         check_grad: Callable[[torch.Tensor], None],
     ) -> None:
         self.accumulation_steps = accumulation_steps
-        self._prepare = prepare
-        self._close = close
+        self._backend = backend
+        self._prepare = weakref.WeakMethod(prepare)
+        self._close = weakref.WeakMethod(close)
         self._check_grad = check_grad
         self._handles: dict[torch.Tensor, Any] = {}
         self._group_of: dict[torch.Tensor, dict[str, Any]] = {}
@@ -73,12 +79,15 @@ class LayerwiseHooks:
         """Hook every parameter of ``group`` that requires grad (others step in ``optimizer.step()``)."""
         params = [p for p in group["params"] if p.requires_grad and p not in self._handles]
         for param in params:
-            if param in _HOOKED:
+            owner = _HOOKED.get(param)
+            if owner is not None and not owner.orphaned():
                 raise RuntimeError(
                     f"a parameter of shape {tuple(param.shape)} already steps in another layer-wise optimizer; "
                     "call detach_hooks() on that one first"
                 )
         for param in params:
+            if param in _HOOKED:
+                _HOOKED[param].detach()  # an orphan's hooks: its optimizer was deleted
             self._group_of[param] = group
             self._handles[param] = param.register_post_accumulate_grad_hook(self._on_grad)
             _HOOKED[param] = self
@@ -87,11 +96,18 @@ class LayerwiseHooks:
         """Point the hooks at new group dicts holding the same parameters (after ``load_state_dict``)."""
         self._group_of = {p: g for g in param_groups for p in g["params"] if p in self._handles}
 
+    def orphaned(self) -> bool:
+        """Whether the optimizer these hooks step for has been deleted."""
+        return self._close() is None
+
     def detach(self) -> None:
-        self.refuse_if_open("detach the hooks")
+        """Remove every hook (refused while a window is open, unless the optimizer is gone)."""
+        if not self.orphaned():
+            self.refuse_if_open("detach the hooks")
         for param, handle in self._handles.items():
             handle.remove()
-            _HOOKED.pop(param, None)
+            if _HOOKED.get(param) is self:
+                del _HOOKED[param]
         self._handles.clear()
         self._group_of.clear()
 
@@ -106,8 +122,9 @@ class LayerwiseHooks:
 
     def close_all(self) -> None:
         """Step every parameter whose window is open (it got fewer than k gradients since its last step)."""
+        close = self._close()
         for param in list(self.windows):
-            self._close(self._group_of[param], param, self.windows.pop(param))
+            close(self._group_of[param], param, self.windows.pop(param))
 
     def held_bytes(self) -> tuple[int, int]:
         """Bytes of (full, projected) gradient sums held in open windows right now."""
@@ -119,20 +136,24 @@ class LayerwiseHooks:
 
     @torch.no_grad()
     def _on_grad(self, param: torch.Tensor) -> None:
+        prepare, close = self._prepare(), self._close()
+        if prepare is None or close is None:
+            return  # orphaned (see the class docstring); removing hooks from inside one is not safe
         group = self._group_of[param]
         self._check_grad(param)
         grad, param.grad = param.grad, None
-        state = self._prepare(group, param)
+        state = prepare(group, param)
         window = self.windows.setdefault(param, Window())
         window.count += 1
         if self._keeps_full_gradient(group, param, state):
             window.add_full(grad)
         else:
             g = grad.reshape(matrix_shape(param))
-            window.add_projected(project(state, g, proj.resolve_side(group["proj_type"], tuple(g.shape))))
+            side = proj.resolve_side(group["proj_type"], tuple(g.shape))
+            window.add_projected(functional.project_gradient(state, g, side, backend=self._backend))
         del grad  # the full gradient is released here, before the step
         if window.count == self.accumulation_steps:
-            self._close(group, param, self.windows.pop(param))
+            close(group, param, self.windows.pop(param))
 
     def _keeps_full_gradient(self, group: dict[str, Any], param: torch.Tensor, state: dict[str, Any]) -> bool:
         if self.accumulation_steps == 1 or not is_galore(param, group):
