@@ -1,4 +1,2 @@
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(__file__))
+"""bench/ holds pytest-benchmark files only: not default tests (pyproject's testpaths leave bench/ out).
+What they time comes from the package, galore_kernels.benchmarks, which ``galore-kernels bench`` runs."""

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One GPU session's checks, installing nothing, in under 8 minutes: the CUDA tests (kernel tests at real
-# sizes first), then the GPU benchmark table. Every step has its own time limit and writes as it goes,
-# so a step cut short still leaves its log. Results land under $OUT (else ./gpu_out).
+# One GPU session's checks, installing nothing, in under 8 minutes (step limits 150 + 75 + 90 + 150 s):
+# the CUDA tests (kernel tests at real sizes first), then `galore-kernels bench --device cuda --quick`:
+# the GPU table, then layer-wise mode on the GPU. Every step has its own time limit and writes as it goes
+# (the bench prints the GPU table first, row by row), so a step cut short still leaves its log. Results
+# land under $OUT (else ./gpu_out).
 # Missing comparators (galore-torch, bitsandbytes are not in the bare H200 image) skip their tests and
 # print "n/a" rows; the compile report (test_aot.py) is a CPU check and is left to CI. At most 8 files
 # come back from $OUT: this writes 6.
@@ -36,6 +38,6 @@ run tests_kernels 75 $py -m pytest -q -p no:cacheprovider tests/test_kernels_gem
 run tests_rest 90 $py -m pytest -q -p no:cacheprovider tests -m "not cuda" --ignore=tests/test_aot.py \
   --ignore=tests/test_kernels_gemm.py --ignore=tests/test_kernels_elementwise.py --ignore=tests/test_kernels_quant.py \
   --ignore=tests/test_optim_backends.py --ignore=tests/test_kernels_sizes.py
-run bench_gpu 135 $py bench/bench_gpu.py --quick
+run bench 150 $py -m galore_kernels bench --device cuda --quick
 cat "$out/status.txt"
 ! grep -qv " exit 0$" "$out/status.txt"

@@ -1,4 +1,5 @@
-"""pytest-benchmark versions of bench_refresh.py and bench_step.py (CPU; run: pytest bench --benchmark-only).
+"""pytest-benchmark versions of the refresh and step rows of ``galore-kernels bench`` (CPU; run:
+pytest bench --benchmark-only).
 
 Not part of the default test run. Compare rows of one run side by side; absolute times only mean
 something on the machine that produced them.
@@ -9,8 +10,8 @@ import warnings
 import pytest
 import torch
 
-from cases import power_law_gradient
 from galore_kernels import GaLoreAdamW
+from galore_kernels.benchmarks.cases import power_law_gradient
 from galore_kernels.projector import compute_projector
 
 SHAPE, RANK = (1024, 2816), 128
@@ -29,8 +30,7 @@ def test_steady_step(benchmark, impl):
     weight.grad = power_law_gradient(*SHAPE)
     group = {"params": [weight], "rank": RANK, "update_proj_gap": 10**9, "scale": 0.25, "proj_type": "std"}
     if impl == "galore-torch":
-        import galore_torch
-
+        galore_torch = pytest.importorskip("galore_torch")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             opt = galore_torch.GaLoreAdamW([group], lr=1e-3)

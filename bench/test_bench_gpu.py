@@ -1,4 +1,5 @@
-"""pytest-benchmark rows of bench_gpu.py's headline case (CUDA only: run with pytest bench --benchmark-only).
+"""pytest-benchmark rows of the GPU table's headline case (``galore_kernels.benchmarks.gpu``; CUDA only:
+run with pytest bench --benchmark-only).
 
 Llama-7B MLP weight 4096×11008, rank 512, bf16: the fused step against our reference and galore-torch.
 Each call synchronizes so that the timer sees the GPU work.
@@ -9,8 +10,8 @@ import warnings
 import pytest
 import torch
 
-from cases import power_law_gradient
 from galore_kernels import functional
+from galore_kernels.benchmarks.cases import power_law_gradient
 from galore_kernels.reference import AdamHyper, GaLoreConfig
 from galore_kernels.state import init_state
 
@@ -39,8 +40,7 @@ def test_galore_step(benchmark, backend):
 
 
 def test_galore_torch_step(benchmark):
-    import galore_torch
-
+    galore_torch = pytest.importorskip("galore_torch")
     w = torch.nn.Parameter(torch.randn(SHAPE, device="cuda", dtype=torch.bfloat16))
     w.grad = power_law_gradient(*SHAPE, device="cuda").bfloat16()
     with warnings.catch_warnings():

@@ -16,7 +16,7 @@ pytest.importorskip("accelerate")  # Trainer needs it
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import TrainerControl, TrainerState
 
-from galore_kernels.demo import synthetic_tokens, tiny_llama
+from tiny_models import synthetic_tokens, tiny_llama
 from galore_kernels.integrations.transformers import (
     OPTIMIZER_NAMES,
     GaLoreGradNormCallback,

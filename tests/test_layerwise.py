@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from galore_kernels import GaLoreAdamW, GaLoreAdamW8bit, functional
-from galore_kernels.demo import synthetic_tokens, tiny_llama
+from tiny_models import synthetic_tokens, tiny_llama
 from test_optim import _save_load
 
 OPTIMIZERS = [

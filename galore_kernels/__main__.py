@@ -1,0 +1,7 @@
+"""``python -m galore_kernels``: the ``galore-kernels`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,15 @@
+"""Benchmarks behind ``galore-kernels bench``: each module measures rows and prints one table.
+
+Every module has ``measure(settings, device)``, a generator of rows (yielded as they are measured, so a
+run cut short keeps what it printed), ``print_table(rows, settings, device)``, and ``SIZES``: the
+settings for a "full", "quick" and "smoke" run. Every table starts with :func:`.cases.environment`'s
+line: date, device and versions.
+
+- :mod:`.refresh`: projector refresh, exact SVD vs randomized (time, captured energy).
+- :mod:`.step`: one optimizer step, our reference vs galore-torch.
+- :mod:`.layerwise`: layer-wise mode, peak full gradients alive and step time.
+- :mod:`.gpu`: the GPU table: fused kernels vs reference, galore-torch, bitsandbytes, roofline floor.
+
+The measured numbers are in bench/RESULTS.md of the source tree; bench/ also holds pytest-benchmark
+versions of the headline rows.
+"""

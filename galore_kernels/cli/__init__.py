@@ -1,0 +1,66 @@
+"""The ``galore-kernels`` command (also ``python -m galore_kernels``): train, memory, bench.
+
+Each subcommand lives in its own module with ``add_parser(subparsers)``, which registers its arguments
+and sets ``run``: a function of the parsed arguments returning the exit status. Heavy imports happen
+inside ``run``, so ``--help`` answers at once. A user's mistake raises :class:`CLIError` and is printed
+as one line, exit status 2; no input the user can give prints a traceback (``--traceback`` shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["CLIError", "main"]
+
+PROG = "galore-kernels"
+
+
+class CLIError(Exception):
+    """A problem with the user's input or environment, said in one line (no traceback)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors on one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import bench, memory, train
+
+    parser = _Parser(
+        prog=PROG,
+        description="GaLore optimizers with Triton kernels: see what they save and cost on your machine.",
+    )
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback of an unexpected error")
+    subparsers = parser.add_subparsers(
+        dest="command", required=True, metavar="{train,memory,bench}", parser_class=_Parser
+    )
+    for module in (train, memory, bench):
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``) and return its exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except CLIError as error:
+        print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # not the user's input: still one line unless asked for the traceback
+        if args.traceback:
+            raise
+        print(
+            f"{PROG} {args.command}: unexpected {type(error).__name__}: {error} (rerun with --traceback for details)",
+            file=sys.stderr,
+        )
+        return 1

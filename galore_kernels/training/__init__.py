@@ -1,0 +1,1 @@
+"""The training comparison behind ``galore-kernels train``: corpus, runs, report."""

@@ -1,0 +1,212 @@
+"""Train one small Llama-style model with several optimizers on the same data and seed, and measure each.
+
+Every optimizer gets the same initial weights, the same batches in the same order and the same held-out
+validation windows, so the losses compare directly. Measured per run: training and validation loss,
+tokens per second, optimizer-state bytes and peak memory (the allocator's peak on CUDA; on the CPU the
+peak of weights + live gradients + optimizer state, observed from every gradient hook, since the CPU
+allocator keeps no statistics).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import GaLoreAdamW, GaLoreAdamW8bit
+from .corpus import TokenSplits
+
+__all__ = ["OPTIMIZERS", "RunConfig", "RunResult", "Unavailable", "tiny_llama", "run_optimizer"]
+
+# name → (label, default learning rate). Rates: the best of {1e-3, 3e-3, 1e-2} on the default run for each
+# (AdamW and 8-bit Adam diverge at 1e-2; GaLore, whose projected updates are scaled by α = 0.25, does best at
+# 1e-2, as the GaLore paper pairs it with a larger rate).
+OPTIMIZERS: dict[str, tuple[str, float]] = {
+    "adamw": ("AdamW", 3e-3),
+    "adamw8bit": ("bnb AdamW8bit", 3e-3),
+    "galore_adamw": ("GaLoreAdamW", 1e-2),
+    "galore_adamw_8bit": ("GaLoreAdamW8bit", 1e-2),
+    "galore_adamw_8bit_layerwise": ("GaLoreAdamW8bit layer-wise", 1e-2),
+}
+
+
+class Unavailable(Exception):
+    """An optimizer that cannot run here (bitsandbytes missing or without a backend for this device)."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What every optimizer's run shares: model, data, schedule and GaLore settings."""
+
+    hidden_size: int = 128
+    layers: int = 4
+    heads: int = 4
+    seq_len: int = 128
+    batch_size: int = 16
+    steps: int = 160
+    warmup_steps: int = 16
+    rank: int = 32
+    update_proj_gap: int = 50
+    scale: float = 0.25
+    eval_every: int = 20
+    eval_batches: int = 4
+    seed: int = 0
+    device: str = "cpu"
+    lr: dict[str, float] = field(default_factory=dict)  # overrides of OPTIMIZERS' defaults
+
+    def learning_rate(self, name: str) -> float:
+        return self.lr.get(name, OPTIMIZERS[name][1])
+
+
+@dataclass
+class RunResult:
+    """One optimizer's run: its curves and measurements."""
+
+    name: str
+    lr: float
+    train_losses: list[float]
+    validation: list[tuple[int, float]]  # (step, loss), step 0 before training
+    tokens_per_second: float
+    state_bytes: int
+    peak_bytes: int
+    seconds: float
+
+    @property
+    def final_train_loss(self) -> float:
+        """Mean training loss over the last 10% of steps (single batches are noisy)."""
+        tail = self.train_losses[-max(1, len(self.train_losses) // 10):]
+        return sum(tail) / len(tail)
+
+    @property
+    def final_validation_loss(self) -> float:
+        return self.validation[-1][1]
+
+    @property
+    def initial_validation_loss(self) -> float:
+        return self.validation[0][1]
+
+
+def tiny_llama(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
+    """A randomly initialised ``LlamaForCausalLM`` of ``cfg``'s size (transformers config, no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.hidden_size * 11 // 4,  # Llama's 8/3·h rounded as 7B's 11008 = 2.6875·4096
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=max(1, cfg.heads // 2),
+        max_position_embeddings=cfg.seq_len,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(cfg.seed)
+    return LlamaForCausalLM(config)
+
+
+def _galore_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict]:
+    # galore-torch's recipe: the 2-D weights of attention and MLP blocks are projected, the rest is AdamW.
+    projected = [p for n, p in model.named_parameters() if p.dim() == 2 and ("self_attn" in n or "mlp" in n)]
+    regular = [p for p in model.parameters() if all(p is not q for q in projected)]
+    galore = {"rank": cfg.rank, "update_proj_gap": cfg.update_proj_gap, "scale": cfg.scale, "proj_type": "std"}
+    return [{"params": regular}, {"params": projected, **galore}]
+
+
+def make_optimizer(name: str, model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """The optimizer ``name`` of :data:`OPTIMIZERS` for ``model``; :class:`Unavailable` if it cannot run."""
+    lr = cfg.learning_rate(name)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise Unavailable(f"bitsandbytes is not installed ({error})") from None
+        return bnb.optim.AdamW8bit(model.parameters(), lr=lr, weight_decay=0.0)
+    groups = _galore_groups(model, cfg)
+    if name == "galore_adamw":
+        return GaLoreAdamW(groups, lr=lr, seed=cfg.seed)
+    return GaLoreAdamW8bit(
+        groups, lr=lr, weight_decay=0.0, seed=cfg.seed, layerwise=name.endswith("_layerwise")
+    )
+
+
+def _batches(tokens: torch.Tensor, cfg: RunConfig, count: int, seed: int) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(tokens) - cfg.seq_len, (count, cfg.batch_size), generator=gen)
+    return [torch.stack([tokens[s:s + cfg.seq_len] for s in row.tolist()]) for row in starts]
+
+
+def _tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return _tensor_bytes(v for state in optimizer.state.values() for v in state.values())
+
+
+@torch.no_grad()
+def _validation_loss(model: torch.nn.Module, batches: list[torch.Tensor], device: str) -> float:
+    model.eval()
+    losses = [model(input_ids=b.to(device), labels=b.to(device)).loss.item() for b in batches]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def run_optimizer(
+    name: str, cfg: RunConfig, splits: TokenSplits, vocab_size: int, progress: Callable[[int, float], None]
+) -> RunResult:
+    """Train from the seed's initial weights with optimizer ``name``; ``progress(step, loss)`` after each step."""
+    model = tiny_llama(cfg, vocab_size).to(cfg.device)
+    weight_bytes = _tensor_bytes(model.parameters())
+    live = {"grads": 0, "peak": 0}
+    holder: dict[str, torch.optim.Optimizer] = {}
+
+    def observe(_: torch.Tensor) -> None:
+        # Registered before a layer-wise optimizer's hooks: the newest gradient is still in .grad here.
+        grads = _tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
+        held = holder["opt"].accumulation_bytes()[0] if hasattr(holder["opt"], "accumulation_bytes") else 0
+        live["peak"] = max(live["peak"], weight_bytes + grads + held + _state_bytes(holder["opt"]))
+
+    on_cpu = cfg.device == "cpu"
+    if on_cpu:
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(observe)
+    holder["opt"] = optimizer = make_optimizer(name, model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
+    train_batches = _batches(splits.train, cfg, cfg.steps, cfg.seed + 1)
+    validation_batches = _batches(splits.validation, cfg, cfg.eval_batches, cfg.seed + 2)
+    validation = [(0, _validation_loss(model, validation_batches, cfg.device))]
+    if not on_cpu:
+        torch.cuda.reset_peak_memory_stats(cfg.device)
+    losses: list[float] = []
+    train_seconds = 0.0
+    for step, batch in enumerate(train_batches, start=1):
+        start = time.perf_counter()
+        batch = batch.to(cfg.device)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # the sync also closes the step's timing on CUDA
+        train_seconds += time.perf_counter() - start
+        if not math.isfinite(losses[-1]):
+            raise FloatingPointError(f"{name}: the training loss is {losses[-1]} at step {step}")
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            validation.append((step, _validation_loss(model, validation_batches, cfg.device)))
+        progress(step, losses[-1])
+    peak = torch.cuda.max_memory_allocated(cfg.device) if not on_cpu else live["peak"]
+    return RunResult(
+        name=name,
+        lr=cfg.learning_rate(name),
+        train_losses=losses,
+        validation=validation,
+        tokens_per_second=cfg.steps * cfg.batch_size * cfg.seq_len / train_seconds,
+        state_bytes=_state_bytes(optimizer),
+        peak_bytes=peak,
+        seconds=train_seconds,
+    )

@@ -1,0 +1,89 @@
+"""The comparison's outputs: one table (text), the loss curves (PNG) and every number (JSON)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .compare import OPTIMIZERS, RunConfig, RunResult
+
+__all__ = ["format_bytes", "table", "write_json", "plot_losses"]
+
+
+def format_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def table(results: list[RunResult], skipped: dict[str, str], device: str) -> str:
+    """One row per optimizer; validation loss also relative to AdamW's when AdamW ran."""
+    reference = next((r.final_validation_loss for r in results if r.name == "adamw"), None)
+    peak = "peak memory" if device != "cpu" else "peak w+g+state"
+    lines = [
+        f"{'optimizer':<28}{'lr':>8}{'train loss':>12}{'val loss':>10}{'vs AdamW':>10}{'tokens/s':>10}"
+        f"{'opt. state':>13}{peak:>16}"
+    ]
+    for r in results:
+        versus = f"{100 * (r.final_validation_loss / reference - 1):+.1f}%" if reference else "—"
+        lines.append(
+            f"{OPTIMIZERS[r.name][0]:<28}{r.lr:>8.0e}{r.final_train_loss:>12.3f}{r.final_validation_loss:>10.3f}"
+            f"{versus:>10}{r.tokens_per_second:>10,.0f}{format_bytes(r.state_bytes):>13}"
+            f"{format_bytes(r.peak_bytes):>16}"
+        )
+    for name, reason in skipped.items():
+        lines.append(f"{OPTIMIZERS[name][0]:<28}  not run: {reason}")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, cfg: RunConfig, results: list[RunResult], skipped: dict[str, str], header: str) -> None:
+    payload = {
+        "environment": header,
+        "config": {k: v for k, v in vars(cfg).items()},
+        "results": [
+            {
+                "name": r.name,
+                "lr": r.lr,
+                "final_train_loss": r.final_train_loss,
+                "final_validation_loss": r.final_validation_loss,
+                "initial_validation_loss": r.initial_validation_loss,
+                "tokens_per_second": r.tokens_per_second,
+                "optimizer_state_bytes": r.state_bytes,
+                "peak_bytes": r.peak_bytes,
+                "train_seconds": r.seconds,
+                "train_losses": r.train_losses,
+                "validation": r.validation,
+            }
+            for r in results
+        ],
+        "skipped": skipped,
+    }
+    path.write_text(json.dumps(payload, indent=1))
+
+
+def plot_losses(path: Path, results: list[RunResult], title: str) -> None:
+    """Training loss (a moving average: single batches are noisy) and validation loss, per optimizer."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    fig, (train_ax, val_ax) = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
+    for r in results:
+        window = max(1, len(r.train_losses) // 20)
+        smooth = [
+            sum(r.train_losses[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1))
+            for i in range(len(r.train_losses))
+        ]
+        label = OPTIMIZERS[r.name][0]
+        train_ax.plot(range(1, len(smooth) + 1), smooth, label=label)
+        val_ax.plot([s for s, _ in r.validation], [v for _, v in r.validation], marker="o", label=label)
+    train_ax.set(title=f"training loss (moving average of {window})", xlabel="step", ylabel="loss", yscale="log")
+    val_ax.set(title="validation loss (held-out text)", xlabel="step", ylabel="loss", yscale="log")
+    for ax in (train_ax, val_ax):
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

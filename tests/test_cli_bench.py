@@ -1,0 +1,128 @@
+"""``galore-kernels bench``: every benchmark runs and prints its table (tiny --smoke sizes, or --quick with
+the smoke sizes swapped in), and the user's mistakes end in one line, exit status 2."""
+
+import re
+
+import pytest
+import torch
+
+from galore_kernels.benchmarks import gpu, layerwise, refresh, step
+from galore_kernels.cli import main
+from galore_kernels.cli.bench import selected
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+ENVIRONMENT = re.compile(
+    r"^\d{4}-\d\d-\d\d \| .+, \d+ threads \| torch \S+, galore-torch \S+, python \d+\.\d+\.\d+$", re.M
+)
+
+
+def _tables(capsys, argv: list[str]) -> str:
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert ENVIRONMENT.search(out), out
+    return out
+
+
+def _rows(out: str, prefix: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith(prefix)]
+
+
+def test_refresh_quick(capsys, monkeypatch):
+    monkeypatch.setitem(refresh.SIZES, "quick", refresh.SIZES["smoke"])
+    out = _tables(capsys, ["bench", "--only", "refresh", "--quick", "--device", "cpu"])
+    assert "`galore-kernels bench --only refresh --device cpu --quick`" in out
+    assert "| shape | rank | exact ms | randomized ms | speed-up | energy captured (randomized / exact) |" in out
+    (row,) = _rows(out, "| 96×160 |")
+    assert re.fullmatch(r"\| 96×160 \| 16 \| \d+ \| \d+ \| \d+\.\d× \| 0\.99\d\d \|", row), row
+
+
+def test_step_smoke(capsys):
+    out = _tables(capsys, ["bench", "--only", "step", "--smoke", "--device", "cpu"])
+    steady, refreshing = _rows(out, "| 96×160 |")
+    assert re.fullmatch(r"\| 96×160 \| 16 \| steady \| \d+\.\d \| \d+\.\d \| \d+\.\d\d× \|", steady), steady
+    assert "| refresh |" in refreshing
+
+
+def test_step_without_galore_torch_says_not_installed(capsys, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "galore_torch", None)  # import galore_torch now fails
+    out = _tables(capsys, ["bench", "--only", "step", "--smoke", "--device", "cpu"])
+    for row in _rows(out, "| 96×160 |"):
+        assert re.fullmatch(r"\| 96×160 \| 16 \| \w+ \| not installed \| \d+\.\d \| not installed \|", row), row
+
+
+def test_layerwise_smoke(capsys):
+    out = _tables(capsys, ["bench", "--only", "layerwise", "--smoke", "--device", "cpu"])
+    assert "4 × Linear(64, 64) fp32, GaLoreAdamW8bit r=8 T=2, accumulation k=2" in out
+    rows = {row.split(" | ")[0][2:]: row for row in _rows(out, "| plain") + _rows(out, "| layer-wise")}
+    assert list(rows) == list(layerwise.MODES)
+    assert "| 4.0 grads |" in rows["plain"]  # every layer's gradient alive at once without layer-wise mode
+
+
+def test_gpu_smoke(capsys):
+    """The GPU table on tiny shapes: under Triton's interpreter without a GPU."""
+    out = _tables(capsys, ["bench", "--only", "gpu", "--smoke", "--device", DEVICE])
+    assert "| shape | rank | weights | row | µs | GB/s | TFLOP/s | × roofline floor |" in out
+    assert "| shape | rank | refresh | ms | energy (÷ exact top-r) |" in out
+    assert "| 96×160 | 16 | bfloat16 | ours fused kernels (8-bit moments) |" in out
+    assert "| 96×160 | 16 | ours randomized (Triton sketch) |" in out
+
+
+def test_repeats_reach_the_settings(capsys, monkeypatch):
+    seen = []
+
+    def measure(settings, device):
+        seen.append((settings, device))
+        yield refresh.Row(8, 8, 2, 2.0, 1.0, 1.0)
+
+    monkeypatch.setattr(refresh, "measure", measure)
+    out = _tables(capsys, ["bench", "--only", "refresh", "--device", "cpu", "--repeats", "7"])
+    assert seen == [(refresh.Settings(refresh.SIZES["full"].shapes, 7), "cpu")]
+    assert "--repeats 7`" in out and "| 8×8 | 2 | 2 | 1 | 2.0× | 1.0000 |" in out
+
+
+def test_default_selection():
+    assert selected(None, "cpu", smoke=False) == ["refresh", "step", "layerwise"]
+    assert selected(None, "cuda", smoke=False) == ["gpu", "layerwise"]
+    assert selected(None, "cpu", smoke=True) == ["gpu", "refresh", "step", "layerwise"]
+    assert selected("layerwise, refresh", "cuda", smoke=False) == ["refresh", "layerwise"]
+
+
+def _one_line_error(capsys, argv: list[str]) -> str:
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err, captured.err
+    return captured.err
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the machine without CUDA")
+def test_device_cuda_without_cuda(capsys):
+    err = _one_line_error(capsys, ["bench", "--device", "cuda"])
+    assert err.startswith("galore-kernels bench: error: --device cuda: no CUDA device available")
+
+
+@pytest.mark.parametrize("only", ["nonsense", "refresh,nonsense", ","])
+def test_only_unknown_names(capsys, only):
+    err = _one_line_error(capsys, ["bench", "--only", only])
+    assert "choose from gpu, refresh, step, layerwise" in err
+
+
+def test_gpu_on_cpu_needs_smoke(capsys):
+    err = _one_line_error(capsys, ["bench", "--only", "gpu", "--device", "cpu"])
+    assert "--smoke" in err
+
+
+@pytest.mark.parametrize("argv", [["--repeats", "0"], ["--repeats", "x"], ["--quick", "--smoke"], ["--device", "tpu"]])
+def test_bad_arguments_are_usage_errors(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_every_benchmark_has_the_cli_interface():
+    for module in (gpu, refresh, step, layerwise):
+        assert set(module.SIZES) == {"full", "quick", "smoke"}
+        assert callable(module.measure) and callable(module.print_table) and module.TITLE

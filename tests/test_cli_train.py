@@ -1,0 +1,87 @@
+"""``galore-kernels train``: a small comparison run writes its table, curves and numbers; bad input is one line."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from galore_kernels.cli import main
+from galore_kernels.training.corpus import CharTokenizer, make_corpus, split_tokens
+
+SMALL = ["--steps", "16", "--hidden-size", "32", "--layers", "1", "--heads", "2", "--seq-len", "32",
+         "--batch-size", "4", "--rank", "4", "-T", "6", "--no-progress"]
+
+
+def test_corpus_is_deterministic_and_round_trips():
+    text = make_corpus(20_000, seed=3)
+    assert text == make_corpus(20_000, seed=3) != make_corpus(20_000, seed=4)
+    tokenizer = CharTokenizer(text)
+    tokens = tokenizer.encode(text)
+    assert tokenizer.decode(tokens) == text and tokens.max() < tokenizer.vocab_size <= 64
+    splits = split_tokens(tokens)
+    assert len(splits.train) + len(splits.validation) == len(tokens)
+
+
+def test_train_writes_the_table_the_curves_and_the_numbers(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "run"
+    names = "adamw,galore_adamw,galore_adamw_8bit_layerwise"
+    assert main(["train", "--optimizers", names, "--out", str(out), *SMALL]) == 0
+    printed = capsys.readouterr().out
+    for label in ("AdamW", "GaLoreAdamW", "GaLoreAdamW8bit layer-wise", "tokens/s", "opt. state"):
+        assert label in printed
+    assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "GaLoreAdamW" in (out / "results.txt").read_text()
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [r["name"] for r in results] == names.split(",")
+    for r in results:
+        assert len(r["train_losses"]) == 16
+        assert r["final_validation_loss"] < r["initial_validation_loss"], r["name"]
+        assert r["optimizer_state_bytes"] > 0 and r["peak_bytes"] > r["optimizer_state_bytes"]
+    state = {r["name"]: r["optimizer_state_bytes"] for r in results}
+    # (At this size every moment is below min_8bit_size=4096 elements, so 8-bit GaLore keeps fp32 moments.)
+    assert state["galore_adamw_8bit_layerwise"] <= state["galore_adamw"] < state["adamw"]
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--rank", "0"], "--rank must be >= 1, got 0"),
+        (["--optimizers", "adamw,sgd"], "unknown optimizer sgd; choose from adamw, adamw8bit"),
+        (["--lr", "adamw=fast"], "expected NAME=NUMBER"),
+        (["--lr", "lion=1e-3"], "unknown optimizer 'lion'"),
+        (["--hidden-size", "30", "--heads", "4"], "even multiple of --heads"),
+        (["--scale", "-1"], "--scale must be > 0"),
+    ],
+)
+def test_bad_input_is_one_line(arguments, message, tmp_path, capsys):
+    assert main(["train", "--out", str(tmp_path), *arguments]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_unwritable_output_folder_is_refused_before_training(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["train", "--out", str(blocker / "run"), *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write to the output folder" in err and err.count("\n") == 1
+
+
+def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["train", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_help_and_module_entry_point():
+    result = subprocess.run([sys.executable, "-m", "galore_kernels", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("train", "memory", "bench"):
+        assert command in result.stdout
+    result = subprocess.run([sys.executable, "-m", "galore_kernels", "train", "--rank"], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

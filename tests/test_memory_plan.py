@@ -1,0 +1,165 @@
+"""The memory planner: the GaLore paper's Llama-7B figures, real optimizer state bytes, the CLI's errors."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from galore_kernels import GaLoreAdamW, GaLoreAdamW8bit  # noqa: E402
+from galore_kernels.cli import main  # noqa: E402
+from galore_kernels.integrations.transformers import galore_param_groups  # noqa: E402
+from galore_kernels.memory_plan import (  # noqa: E402
+    MODES,
+    PAPER_LLAMA_7B,
+    build_meta_model,
+    model_config,
+    plan_memory,
+    state_bytes,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices gain nothing from a second thread, and on a shared 2-core machine OpenMP's waiting
+    threads made one 48 × 256 SVD take 1 s instead of 1 ms (this file: 28 s with 2 threads, 6 s with 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def llama_7b_plan():
+    return plan_memory(build_meta_model(model_config("llama-7b"), torch.bfloat16), rank=1024)
+
+
+def test_llama_7b_within_10_percent_of_the_paper(llama_7b_plan):
+    assert llama_7b_plan.num_params == 6_738_415_616  # Llama(-2)-7B's published count
+    assert set(PAPER_LLAMA_7B) == {"AdamW", "8-bit GaLore layer-wise"}
+    for mode, paper in PAPER_LLAMA_7B.items():
+        total = llama_7b_plan.mode(mode).total
+        assert abs(total / paper - 1) < 0.10, (mode, total / 1e9, paper / 1e9)
+    # The paper's BF16 breakdown: 14 GB weights, 42 GB optimizer state and gradients, 2 GB activations.
+    adamw = llama_7b_plan.mode("AdamW")
+    assert abs(adamw.weights / 14e9 - 1) < 0.05
+    assert abs((adamw.optimizer_state + adamw.gradients) / 42e9 - 1) < 0.05
+    assert 1e9 < adamw.activations < 2.5e9
+
+
+def test_layerwise_gradient_is_the_largest_parameter(llama_7b_plan):
+    assert llama_7b_plan.largest_gradient in ("model.embed_tokens.weight", "lm_head.weight")
+    assert llama_7b_plan.mode("8-bit GaLore layer-wise").gradients == 32000 * 4096 * 2
+
+
+def _tiny_llama(dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # intermediate 256 at rank 16 makes MLP moments (16, 256) = 4096 elements: 8-bit; attention's stay fp32.
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    return config, LlamaForCausalLM(config).to(dtype)
+
+
+def _optimizer(mode, model):
+    groups = galore_param_groups(model, ["attn", "mlp"], rank=16)
+    return {
+        "AdamW": lambda: torch.optim.AdamW(model.parameters(), lr=1e-3),
+        "8-bit Adam": lambda: GaLoreAdamW8bit([{"params": list(model.parameters())}], lr=1e-3),
+        "GaLore": lambda: GaLoreAdamW(groups, lr=1e-3),
+        "8-bit GaLore": lambda: GaLoreAdamW8bit(groups, lr=1e-3),
+        "8-bit GaLore layer-wise": lambda: GaLoreAdamW8bit(groups, lr=1e-3, layerwise=True),
+    }[mode]()
+
+
+def _nbytes(tensor):
+    return tensor.numel() * tensor.element_size()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("mode", MODES)
+def test_plan_equals_real_state_bytes(mode, dtype):
+    config, model = _tiny_llama(dtype)
+    row = plan_memory(build_meta_model(config, dtype), rank=16).mode(mode)
+    params = list(model.parameters())
+    # Registered before the optimizer's layer-wise hooks, so it runs first and sees every gradient alive.
+    live_peak = [0]
+
+    def record(_):
+        live = sum(_nbytes(p.grad) for p in params if p.grad is not None)
+        live_peak[0] = max(live_peak[0], live)
+
+    handles = [p.register_post_accumulate_grad_hook(record) for p in params]
+    optimizer = _optimizer(mode, model)
+    tokens = torch.randint(0, 128, (2, 16))
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    if mode != "8-bit GaLore layer-wise":
+        assert row.gradients == sum(_nbytes(p.grad) for p in params)
+    assert row.gradients == live_peak[0]
+    optimizer.step()
+    for handle in handles:
+        handle.remove()
+    assert len(optimizer.state) == len(params)
+    assert row.optimizer_state == sum(state_bytes(state) for state in optimizer.state.values())
+    assert row.weights == sum(_nbytes(p) for p in params)
+    if mode in ("8-bit GaLore", "8-bit GaLore layer-wise"):  # both 8-bit and fp32 GaLore moments occur
+        kinds = {state["exp_avg"].dtype for p, state in optimizer.state.items() if "projector" in state}
+        assert kinds == {torch.uint8, torch.float32}
+
+
+def test_cli_prints_the_table(capsys):
+    assert main(["memory", "--model", "llama-7b", "--rank", "1024"]) == 0
+    out = capsys.readouterr().out
+    for mode in MODES:
+        assert mode in out
+    assert "6.74 B parameters" in out and "rank 1024" in out
+    assert "58.0" in out and "21.3" in out
+    assert max(len(line) for line in out.splitlines()) <= 100
+
+
+def _config_file(tmp_path, text):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    return str(path)
+
+
+def test_cli_reads_a_config_folder(tmp_path, capsys):
+    fields = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "vocab_size": 128, "transformers_version": "4.28.1"}
+    _config_file(tmp_path, json.dumps(fields))
+    assert main(["memory", "--model", str(tmp_path), "--dtype", "fp32", "--tokens", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "rank 16" in out and "fp32" in out and "paper" not in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "nope"], "neither a preset"),
+        (["--model", "llama-7b", "--rank", "0"], "--rank must be"),
+        (["--model", "llama-7b", "--rank", "-3"], "--rank must be"),
+        (["--model", "llama-7b", "--tokens", "0"], "--tokens must be"),
+        (["--model", "{tmp}/missing/config.json"], "neither a preset"),
+        (["--model", "{tmp}"], "folder without a config.json"),
+        (["--model", "{tmp}/config.json", "{file}", "{"], "invalid JSON"),
+        (["--model", "{tmp}/config.json", "{file}", '{"hidden_size": 64}'], "model_type"),
+        (["--model", "{tmp}/config.json", "{file}", '{"model_type": "nope"}'], "unknown model_type"),
+        (["--model", "{tmp}/config.json", "{file}", '{"model_type": "t5"}'], "no causal-LM model"),
+        (["--model", "{tmp}/config.json", "{file}", '{"model_type": "llama", "vocab_size": "x"}'], "invalid llama"),
+        (["--model", "llama-1b", "--target-modules", "nothing_matches"], "matches no nn.Linear"),
+    ],
+)
+def test_cli_bad_input_is_one_line(tmp_path, capsys, args, message):
+    if "{file}" in args:
+        _config_file(tmp_path, args[-1])
+        args = args[:-2]
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main(["memory", *args]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "\n" not in err and "Traceback" not in err and message in err, err
+    assert err.startswith("galore-kernels memory: error:")
+    assert captured.out == ""
