@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# One GPU session's checks, installing nothing, in under 8 minutes (step limits 150 + 75 + 90 + 150 s):
-# the CUDA tests (kernel tests at real sizes first), then `galore-kernels bench --device cuda --quick`:
-# the GPU table, then layer-wise mode on the GPU. Every step has its own time limit and writes as it goes
+# One GPU session's checks, installing nothing, in under 8 minutes (step limits 130 + 75 + 90 + 130 + 45
+# s): the CUDA tests (kernel tests at real sizes first), then `galore-kernels bench --device cuda --quick`:
+# the GPU table, then layer-wise mode on the GPU; then a short `galore-kernels train --device cuda`. Every step has its own time limit and writes as it goes
 # (the bench prints the GPU table first, row by row), so a step cut short still leaves its log. Results
 # land under $OUT (else ./gpu_out).
 # Missing comparators (galore-torch, bitsandbytes are not in the bare H200 image) skip their tests and
 # print "n/a" rows; the compile report (test_aot.py) is a CPU check and is left to CI. At most 8 files
-# come back from $OUT: this writes 6.
+# come back from $OUT: this writes 7 (train's PNG and JSON stay on the machine; its table is in train.log).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_out}"
@@ -32,12 +32,13 @@ run() {  # run NAME SECONDS COMMAND...: log to $out/NAME.log, remember the exit 
   tail -n 4 "$out/$name.log"
 }
 
-run tests_cuda 150 $py -m pytest -q -p no:cacheprovider -m cuda tests
+run tests_cuda 130 $py -m pytest -q -p no:cacheprovider -m cuda tests
 run tests_kernels 75 $py -m pytest -q -p no:cacheprovider tests/test_kernels_gemm.py tests/test_kernels_elementwise.py \
   tests/test_kernels_quant.py tests/test_optim_backends.py tests/test_kernels_sizes.py
 run tests_rest 90 $py -m pytest -q -p no:cacheprovider tests -m "not cuda" --ignore=tests/test_aot.py \
   --ignore=tests/test_kernels_gemm.py --ignore=tests/test_kernels_elementwise.py --ignore=tests/test_kernels_quant.py \
   --ignore=tests/test_optim_backends.py --ignore=tests/test_kernels_sizes.py
-run bench 150 $py -m galore_kernels bench --device cuda --quick
+run bench 130 $py -m galore_kernels bench --device cuda --quick
+run train 45 $py -m galore_kernels train --device cuda --steps 40 --no-progress --out /tmp/galore_kernels_train
 cat "$out/status.txt"
 ! grep -qv " exit 0$" "$out/status.txt"
