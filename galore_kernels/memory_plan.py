@@ -164,6 +164,8 @@ def model_config(model: str) -> PretrainedConfig:
         raise MemoryPlanError(f"{model}: model_type {model_type!r} has no causal-LM model in transformers")
     try:
         return AutoConfig.for_model(model_type, **fields)
+    except ImportError:  # transformers itself is broken or interrupted: not the config's fault
+        raise
     except Exception as error:  # only the user's fields can make a known config class fail here
         raise MemoryPlanError(f"{model}: invalid {model_type} config: {_one_line(error)}") from None
 
@@ -205,8 +207,13 @@ def build_meta_model(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
     """
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except ImportError:
+        raise
+    except Exception as error:  # e.g. hidden_size <= 0 or an unknown rope_type: the config's fields
+        raise MemoryPlanError(f"cannot build a {config.model_type} model from this config: {_one_line(error)}") from None
     return model.to(dtype)
 
 

@@ -13,7 +13,7 @@ from galore_kernels.cli.bench import selected
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 ENVIRONMENT = re.compile(
-    r"^\d{4}-\d\d-\d\d \| .+, \d+ threads \| torch \S+, galore-torch \S+, python \d+\.\d+\.\d+$", re.M
+    r"^\d{4}-\d\d-\d\d \| .+, \d+ threads \| galore_kernels \S+, torch \S+, triton \S+, galore-torch \S+, bitsandbytes \S+, transformers \S+, python \d+\.\d+\.\d+$", re.M
 )
 
 

@@ -1,6 +1,7 @@
 """``galore-kernels train``: a small comparison run writes its table, curves and numbers; bad input is one line."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -39,6 +40,8 @@ def test_train_writes_the_table_the_curves_and_the_numbers(tmp_path, capsys):
         assert len(r["train_losses"]) == 16
         assert r["final_validation_loss"] < r["initial_validation_loss"], r["name"]
         assert r["optimizer_state_bytes"] > 0 and r["peak_bytes"] > r["optimizer_state_bytes"]
+    peak = {r["name"]: r["peak_bytes"] for r in results}
+    assert peak["galore_adamw_8bit_layerwise"] < peak["galore_adamw"] < peak["adamw"]  # one gradient alive at a time
     state = {r["name"]: r["optimizer_state_bytes"] for r in results}
     # (At this size every moment is below min_8bit_size=4096 elements, so 8-bit GaLore keeps fp32 moments.)
     assert state["galore_adamw_8bit_layerwise"] <= state["galore_adamw"] < state["adamw"]
@@ -52,7 +55,12 @@ def test_train_writes_the_table_the_curves_and_the_numbers(tmp_path, capsys):
         (["--lr", "adamw=fast"], "expected NAME=NUMBER"),
         (["--lr", "lion=1e-3"], "unknown optimizer 'lion'"),
         (["--hidden-size", "30", "--heads", "4"], "even multiple of --heads"),
-        (["--scale", "-1"], "--scale must be > 0"),
+        (["--scale", "-1"], "--scale must be a finite number > 0"),
+        (["--scale", "inf"], "--scale must be a finite number > 0"),
+        (["--lr", "adamw=inf"], "must be a finite number > 0"),
+        (["--seed", "-1"], "--seed must be in [0, 2^32)"),
+        (["--seq-len", "100000"], "must be below the validation text's 40,008 characters"),
+        (["--rank", "0", "--traceback"], "--rank must be >= 1"),  # --traceback after the subcommand is accepted
     ],
 )
 def test_bad_input_is_one_line(arguments, message, tmp_path, capsys):
@@ -85,3 +93,33 @@ def test_help_and_module_entry_point():
         assert command in result.stdout
     result = subprocess.run([sys.executable, "-m", "galore_kernels", "train", "--rank"], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_a_failing_or_missing_optimizer_keeps_the_other_runs(tmp_path, capsys, monkeypatch):
+    from galore_kernels.training import compare
+
+    real = compare.make_optimizer
+
+    def make_optimizer(name, model, cfg):
+        if name == "galore_adamw":
+            raise RuntimeError("boom")
+        return real(name, model, cfg)
+
+    monkeypatch.setattr(compare, "make_optimizer", make_optimizer)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails: "not installed"
+    assert main(["train", "--optimizers", "adamw,adamw8bit,galore_adamw", "--out", str(tmp_path), *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert "bnb AdamW8bit                 not run: bitsandbytes is not installed" in printed
+    assert "GaLoreAdamW                   not run: failed: RuntimeError: boom" in printed
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["name"] for r in results["results"]] == ["adamw"] and len(results["skipped"]) == 2
+
+    assert main(["train", "--optimizers", "adamw8bit", "--out", str(tmp_path / "none"), *SMALL]) == 1
+    assert not (tmp_path / "none" / "loss_curves.png").exists()
+
+
+def test_output_a_terminal_cannot_encode_is_escaped():
+    env = dict(os.environ, PYTHONIOENCODING="ascii")
+    result = subprocess.run([sys.executable, "-m", "galore_kernels", "train", "--help"], capture_output=True,
+                            text=True, env=env)
+    assert result.returncode == 0 and "\\u03b1" in result.stdout and "Traceback" not in result.stderr

@@ -37,7 +37,6 @@ def llama_7b_plan():
 
 def test_llama_7b_within_10_percent_of_the_paper(llama_7b_plan):
     assert llama_7b_plan.num_params == 6_738_415_616  # Llama(-2)-7B's published count
-    assert set(PAPER_LLAMA_7B) == {"AdamW", "8-bit GaLore layer-wise"}
     for mode, paper in PAPER_LLAMA_7B.items():
         total = llama_7b_plan.mode(mode).total
         assert abs(total / paper - 1) < 0.10, (mode, total / 1e9, paper / 1e9)

@@ -81,5 +81,7 @@ def environment(device: str | torch.device | None = None) -> str:
         name = f"{device.type.upper()} {platform.processor() or platform.machine()}"
     return (
         f"{datetime.date.today().isoformat()} | {name}, {torch.get_num_threads()} threads | "
-        f"torch {torch.__version__}, galore-torch {version('galore-torch')}, python {platform.python_version()}"
+        f"galore_kernels {version('galore_kernels')}, torch {torch.__version__}, triton {version('triton')}, "
+        f"galore-torch {version('galore-torch')}, bitsandbytes {version('bitsandbytes')}, "
+        f"transformers {version('transformers')}, python {platform.python_version()}"
     )

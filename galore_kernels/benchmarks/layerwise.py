@@ -69,8 +69,8 @@ def _measure_mode(mode: dict, s: Settings, device) -> tuple[int, list[float]]:
         live = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
         peak[0] = max(peak[0], live + holder["opt"].accumulation_bytes()[0])
 
-    for p in model.parameters():
-        p.register_post_accumulate_grad_hook(observe)
+    # The hooks close over the model: removed at the end, or every measured model would outlive its run.
+    handles = [p.register_post_accumulate_grad_hook(observe) for p in model.parameters()]
     layerwise = mode.get("layerwise", False)
     holder["opt"] = opt = GaLoreAdamW8bit(
         [{"params": list(model.parameters()), "rank": s.rank, "update_proj_gap": s.gap}],
@@ -91,6 +91,9 @@ def _measure_mode(mode: dict, s: Settings, device) -> tuple[int, list[float]]:
         opt.zero_grad(set_to_none=True)
         synchronize(device)
         times.append(time.perf_counter() - start)
+    opt.detach_hooks()
+    for handle in handles:
+        handle.remove()
     return peak[0], times[1:]
 
 

@@ -2,13 +2,16 @@
 
 Each subcommand lives in its own module with ``add_parser(subparsers)``, which registers its arguments
 and sets ``run``: a function of the parsed arguments returning the exit status. Heavy imports happen
-inside ``run``, so ``--help`` answers at once. A user's mistake raises :class:`CLIError` and is printed
-as one line, exit status 2; no input the user can give prints a traceback (``--traceback`` shows it).
+inside ``run``. A user's mistake raises :class:`CLIError` and is printed as one line, exit status 2;
+any other error prints one line too, exit status 1, unless ``--traceback`` (anywhere on the line) asks
+for the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -18,7 +21,11 @@ PROG = "galore-kernels"
 
 
 class CLIError(Exception):
-    """A problem with the user's input or environment, said in one line (no traceback)."""
+    """A problem with the user's input or environment, said in one line (no traceback).
+
+    >>> str(CLIError("--rank must be >= 1, got 0"))
+    '--rank must be >= 1, got 0'
+    """
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,6 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default: ``sys.argv[1:]``) and return its exit status."""
+    # Output has α, × and user paths: a terminal that cannot encode them gets escapes, not a traceback.
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    # bitsandbytes warns at import that its optional 4-bit CPU GEMM is missing: unrelated to AdamW8bit,
+    # and a confusing line in the middle of a table or progress bar.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --traceback is accepted anywhere on the line, as the error message suggests adding it.
+    show_traceback = "--traceback" in argv
+    argv = [a for a in argv if a != "--traceback"]
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -56,8 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (| head): stop quietly, as a Unix tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as error:  # not the user's input: still one line unless asked for the traceback
-        if args.traceback:
+        if show_traceback:
             raise
         print(
             f"{PROG} {args.command}: unexpected {type(error).__name__}: {error} (rerun with --traceback for details)",

@@ -103,7 +103,9 @@ def _report(model: str, model_type: str, plan: MemoryPlan, dtype: str, targets: 
         lines.append(line)
     lines += [
         "",
-        "optimizer state: the bytes of the state tensors each optimizer allocates (AdamW: torch.optim.AdamW).",
+        "optimizer state: the bytes of the state tensors each optimizer allocates (AdamW: torch.optim.AdamW;",
+        "  8-bit Adam: bitsandbytes' blockwise format as GaLoreAdamW8bit stores it, without bnb's 2 KiB of",
+        "  code maps per tensor).",
         f"layer-wise: one gradient alive at a time; the largest is {plan.largest_gradient}'s.",
         "activations: an estimate, Korthikanti et al. 2022's count without recomputation.",
     ]

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import CLIError
+
+if TYPE_CHECKING:
+    from ..training.compare import RunConfig
 
 DEFAULT_OUT = "galore-kernels-train"
 
@@ -17,11 +22,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     defaults = RunConfig()
     parser = subparsers.add_parser(
         "train",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="train a small Llama with AdamW, 8-bit Adam and the GaLore optimizers; compare loss, speed, memory",
         description=(
             "Train a small Llama-style model (transformers config, random init) on generated English-like text "
             "(no downloads) with each optimizer, on the same data and seed. Prints one table (final training "
-            "and validation loss, tokens/s, optimizer-state bytes, peak memory) and writes it with the loss "
+            "and validation loss, tokens/s, optimizer-state bytes, peak memory: the allocator's on CUDA, weights + "
+            "gradients + optimizer state on a CPU) and writes it with the loss "
             "curves (PNG) and all numbers (JSON) into the output folder. The defaults finish in about 3 minutes "
             f"on 2 CPU cores. Optimizers: {', '.join(OPTIMIZERS)}."
         ),
@@ -46,7 +53,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-def _config(args: argparse.Namespace) -> tuple[list[str], object]:
+def _config(args: argparse.Namespace) -> tuple[list[str], RunConfig]:
     import torch
 
     from ..training.compare import OPTIMIZERS, RunConfig
@@ -61,8 +68,10 @@ def _config(args: argparse.Namespace) -> tuple[list[str], object]:
     if args.hidden_size % args.heads or (args.hidden_size // args.heads) % 2:
         raise CLIError(f"--hidden-size {args.hidden_size} must be an even multiple of --heads {args.heads} "
                        "(RoPE needs an even head size)")
-    if not args.scale > 0:
-        raise CLIError(f"--scale must be > 0, got {args.scale}")
+    if not (args.scale > 0 and math.isfinite(args.scale)):
+        raise CLIError(f"--scale must be a finite number > 0, got {args.scale}")
+    if not 0 <= args.seed < 2**32:
+        raise CLIError(f"--seed must be in [0, 2^32), got {args.seed}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA device is visible to torch")
     lrs = {}
@@ -74,8 +83,8 @@ def _config(args: argparse.Namespace) -> tuple[list[str], object]:
             lrs[name] = float(value)
         except ValueError:
             raise CLIError(f"--lr {item!r}: expected NAME=NUMBER") from None
-        if not lrs[name] > 0:
-            raise CLIError(f"--lr {item!r}: the learning rate must be > 0")
+        if not (lrs[name] > 0 and math.isfinite(lrs[name])):
+            raise CLIError(f"--lr {item!r}: the learning rate must be a finite number > 0")
     cfg = RunConfig(
         hidden_size=args.hidden_size, layers=args.layers, heads=args.heads, seq_len=args.seq_len,
         batch_size=args.batch_size, steps=args.steps, warmup_steps=max(1, args.steps // 10), rank=args.rank,
@@ -100,6 +109,13 @@ def _output_folder(path: str) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     names, cfg = _config(args)
+    from ..training.corpus import CharTokenizer, make_corpus, split_tokens
+
+    text = make_corpus(seed=cfg.seed)
+    tokenizer = CharTokenizer(text)
+    splits = split_tokens(tokenizer.encode(text))
+    if cfg.seq_len >= len(splits.validation):
+        raise CLIError(f"--seq-len {cfg.seq_len} must be below the validation text's {len(splits.validation):,} characters")
     folder = _output_folder(args.out)
     try:
         import matplotlib  # noqa: F401  (checked before training, not after it)
@@ -109,14 +125,10 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from ..benchmarks.cases import environment
-    from ..training.compare import OPTIMIZERS, Unavailable, run_optimizer
-    from ..training.corpus import CharTokenizer, make_corpus, split_tokens
+    from ..training.compare import OPTIMIZERS, Diverged, Unavailable, run_optimizer
     from ..training.report import plot_losses, table, write_json
 
-    text = make_corpus(seed=cfg.seed)
-    tokenizer = CharTokenizer(text)
-    splits = split_tokens(tokenizer.encode(text))
-    header = environment()
+    header = environment(cfg.device)
     print(header)
     print(
         f"Llama h={cfg.hidden_size} L={cfg.layers} heads={cfg.heads}, {tokenizer.vocab_size}-character vocabulary, "
@@ -134,19 +146,23 @@ def run(args: argparse.Namespace) -> int:
                 if step % 10 == 0:
                     bar.set_postfix(loss=f"{loss:.3f}")
 
+            done = bar.n
             try:
                 results.append(run_optimizer(name, cfg, splits, tokenizer.vocab_size, progress))
-            except Unavailable as reason:
+            except (Unavailable, Diverged) as reason:
                 skipped[name] = str(reason)
-                bar.update(cfg.steps)
+            except Exception as error:  # one optimizer failing must not discard the others' finished runs
+                skipped[name] = f"failed: {type(error).__name__}: {' '.join(str(error).split())}"
+            bar.update(done + cfg.steps - bar.n)
     report = table(results, skipped, cfg.device)
     print(report)
     (folder / "results.txt").write_text(f"{header}\n{report}\n")
     write_json(folder / "results.json", cfg, results, skipped, header)
-    plot_losses(folder / "loss_curves.png", results, f"{cfg.steps} steps, Llama h={cfg.hidden_size} L={cfg.layers}")
+    if results:
+        plot_losses(folder / "loss_curves.png", results, f"{cfg.steps} steps, Llama h={cfg.hidden_size} L={cfg.layers}")
     not_learning = [OPTIMIZERS[r.name][0] for r in results if not r.final_validation_loss < r.initial_validation_loss]
     if not_learning:
         print(f"warning: validation loss did not fall for {', '.join(not_learning)}")
-    print(f"{time.perf_counter() - started:.0f} s; wrote {folder / 'results.txt'}, {folder / 'results.json'}, "
-          f"{folder / 'loss_curves.png'}")
-    return 0
+    written = [folder / "results.txt", folder / "results.json"] + ([folder / "loss_curves.png"] if results else [])
+    print(f"{time.perf_counter() - started:.0f} s; wrote {', '.join(str(p) for p in written)}")
+    return 0 if results else 1

@@ -9,10 +9,9 @@ allocator keeps no statistics).
 
 from __future__ import annotations
 
-import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -20,11 +19,11 @@ import torch
 from .. import GaLoreAdamW, GaLoreAdamW8bit
 from .corpus import TokenSplits
 
-__all__ = ["OPTIMIZERS", "RunConfig", "RunResult", "Unavailable", "tiny_llama", "run_optimizer"]
+__all__ = ["OPTIMIZERS", "Diverged", "RunConfig", "RunResult", "Unavailable", "tiny_llama", "run_optimizer"]
 
 # name → (label, default learning rate): each the best of a sweep on the default run (160 steps, final
 # validation loss; `galore-kernels train --lr NAME=VALUE`, 2026-11-29): AdamW 1e-3 0.395, 3e-3 0.451, 1e-2
-# 1.563; bnb AdamW8bit 1e-3 0.394, 3e-3 0.398, 1e-2 1.501; GaLoreAdamW 3e-3 0.497, 1e-2 0.374, 3e-2 0.381.
+# 1.563; bnb AdamW8bit 1e-3 0.394, 3e-3 0.398, 1e-2 1.501; GaLoreAdamW 3e-3 0.464, 1e-2 0.370, 3e-2 0.382.
 # GaLore's projected updates are scaled by α = 0.25, hence its larger rate (the GaLore paper does the same);
 # its 8-bit and layer-wise variants take GaLoreAdamW's.
 OPTIMIZERS: dict[str, tuple[str, float]] = {
@@ -36,13 +35,24 @@ OPTIMIZERS: dict[str, tuple[str, float]] = {
 }
 
 
+class Diverged(Exception):
+    """A run whose training loss became NaN or infinite."""
+
+    def __init__(self, step: int, loss: float) -> None:
+        super().__init__(f"diverged: loss {loss} at step {step}")
+
+
 class Unavailable(Exception):
-    """An optimizer that cannot run here (bitsandbytes missing or without a backend for this device)."""
+    """An optimizer that cannot run here (bitsandbytes is not installed)."""
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """What every optimizer's run shares: model, data, schedule and GaLore settings."""
+    """What every optimizer's run shares: model, data, schedule and GaLore settings.
+
+    >>> RunConfig(steps=10, lr={"adamw": 2e-3}).learning_rate("adamw")
+    0.002
+    """
 
     hidden_size: int = 128
     layers: int = 4
@@ -66,7 +76,7 @@ class RunConfig:
 
 @dataclass
 class RunResult:
-    """One optimizer's run: its curves and measurements."""
+    """One optimizer's run: its curves and measurements (tokens/s leaves out step 1's one-time costs)."""
 
     name: str
     lr: float
@@ -102,7 +112,7 @@ def tiny_llama(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
         intermediate_size=cfg.hidden_size * 11 // 4,  # Llama's 8/3·h rounded as 7B's 11008 = 2.6875·4096
         num_hidden_layers=cfg.layers,
         num_attention_heads=cfg.heads,
-        num_key_value_heads=max(1, cfg.heads // 2),
+        num_key_value_heads=cfg.heads // 2 if cfg.heads % 2 == 0 else cfg.heads,  # grouped-query when it divides
         max_position_embeddings=cfg.seq_len,
         tie_word_embeddings=False,
     )
@@ -124,9 +134,6 @@ def make_optimizer(name: str, model: torch.nn.Module, cfg: RunConfig) -> torch.o
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     if name == "adamw8bit":
-        # bitsandbytes warns at import that its optional 4-bit CPU GEMM is missing: nothing to do with
-        # AdamW8bit, and a confusing line in the middle of the progress bar.
-        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
         try:
             import bitsandbytes as bnb
         except ImportError as error:
@@ -134,7 +141,7 @@ def make_optimizer(name: str, model: torch.nn.Module, cfg: RunConfig) -> torch.o
         return bnb.optim.AdamW8bit(model.parameters(), lr=lr, weight_decay=0.0)
     groups = _galore_groups(model, cfg)
     if name == "galore_adamw":
-        return GaLoreAdamW(groups, lr=lr, seed=cfg.seed)
+        return GaLoreAdamW(groups, lr=lr, eps=1e-8, seed=cfg.seed)  # every optimizer here runs at eps 1e-8
     return GaLoreAdamW8bit(
         groups, lr=lr, weight_decay=0.0, seed=cfg.seed, layerwise=name.endswith("_layerwise")
     )
@@ -146,7 +153,7 @@ def _batches(tokens: torch.Tensor, cfg: RunConfig, count: int, seed: int) -> lis
     return [torch.stack([tokens[s:s + cfg.seq_len] for s in row.tolist()]) for row in starts]
 
 
-def _tensor_bytes(tensors) -> int:
+def _tensor_bytes(tensors: Iterable[object]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
@@ -168,19 +175,20 @@ def run_optimizer(
     """Train from the seed's initial weights with optimizer ``name``; ``progress(step, loss)`` after each step."""
     model = tiny_llama(cfg, vocab_size).to(cfg.device)
     weight_bytes = _tensor_bytes(model.parameters())
-    live = {"grads": 0, "peak": 0}
+    peak = [0]
     holder: dict[str, torch.optim.Optimizer] = {}
 
-    def observe(_: torch.Tensor) -> None:
-        # Registered before a layer-wise optimizer's hooks: the newest gradient is still in .grad here.
+    def observe(_: torch.Tensor | None = None) -> None:
+        # From every gradient hook (registered before a layer-wise optimizer's, so the newest gradient is
+        # still in .grad) and once after each step (state created by that step).
+        opt = holder["opt"]
         grads = _tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
-        held = holder["opt"].accumulation_bytes()[0] if hasattr(holder["opt"], "accumulation_bytes") else 0
-        live["peak"] = max(live["peak"], weight_bytes + grads + held + _state_bytes(holder["opt"]))
+        held = opt.accumulation_bytes()[0] if hasattr(opt, "accumulation_bytes") else 0
+        peak[0] = max(peak[0], weight_bytes + grads + held + _state_bytes(opt))
 
     on_cpu = cfg.device == "cpu"
-    if on_cpu:
-        for p in model.parameters():
-            p.register_post_accumulate_grad_hook(observe)
+    # The hooks close over the model: removed at the end, or each run's model would outlive it.
+    handles = [p.register_post_accumulate_grad_hook(observe) for p in model.parameters()] if on_cpu else []
     holder["opt"] = optimizer = make_optimizer(name, model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
     train_batches = _batches(splits.train, cfg, cfg.steps, cfg.seed + 1)
@@ -190,29 +198,36 @@ def run_optimizer(
         torch.cuda.reset_peak_memory_stats(cfg.device)
     losses: list[float] = []
     train_seconds = 0.0
-    for step, batch in enumerate(train_batches, start=1):
-        start = time.perf_counter()
-        batch = batch.to(cfg.device)
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())  # the sync also closes the step's timing on CUDA
-        train_seconds += time.perf_counter() - start
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"{name}: the training loss is {losses[-1]} at step {step}")
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            validation.append((step, _validation_loss(model, validation_batches, cfg.device)))
-        progress(step, losses[-1])
-    peak = torch.cuda.max_memory_allocated(cfg.device) if not on_cpu else live["peak"]
+    try:
+        for step, batch in enumerate(train_batches, start=1):
+            start = time.perf_counter()
+            batch = batch.to(cfg.device)
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            optimizer.step()
+            if on_cpu:
+                observe()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())  # the sync also closes the step's timing on CUDA
+            if step > 1:  # step 1 pays one-time costs (Triton compiles, cuBLAS handles): not throughput
+                train_seconds += time.perf_counter() - start
+            if not math.isfinite(losses[-1]):
+                raise Diverged(step, losses[-1])
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                validation.append((step, _validation_loss(model, validation_batches, cfg.device)))
+            progress(step, losses[-1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    timed_tokens = (cfg.steps - 1) * cfg.batch_size * cfg.seq_len
     return RunResult(
         name=name,
         lr=cfg.learning_rate(name),
         train_losses=losses,
         validation=validation,
-        tokens_per_second=cfg.steps * cfg.batch_size * cfg.seq_len / train_seconds,
+        tokens_per_second=timed_tokens / train_seconds if train_seconds else math.nan,
         state_bytes=_state_bytes(optimizer),
-        peak_bytes=peak,
+        peak_bytes=torch.cuda.max_memory_allocated(cfg.device) if not on_cpu else peak[0],
         seconds=train_seconds,
     )

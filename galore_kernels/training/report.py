@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,6 +12,7 @@ __all__ = ["format_bytes", "table", "write_json", "plot_losses"]
 
 
 def format_bytes(n: int) -> str:
+    """Bytes in binary units, e.g. ``format_bytes(837488)`` → ``'817.86 KiB'``."""
     for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= size:
             return f"{n / size:.2f} {unit}"
@@ -27,8 +29,9 @@ def table(results: list[RunResult], skipped: dict[str, str], device: str) -> str
     ]
     for r in results:
         versus = f"{100 * (r.final_validation_loss / reference - 1):+.1f}%" if reference else "—"
+        # .4g keeps a diverging (huge but finite) loss inside its column
         lines.append(
-            f"{OPTIMIZERS[r.name][0]:<28}{r.lr:>8.0e}{r.final_train_loss:>12.3f}{r.final_validation_loss:>10.3f}"
+            f"{OPTIMIZERS[r.name][0]:<28}{r.lr:>8.0e}{r.final_train_loss:>12.4g}{r.final_validation_loss:>10.4g}"
             f"{versus:>10}{r.tokens_per_second:>10,.0f}{format_bytes(r.state_bytes):>13}"
             f"{format_bytes(r.peak_bytes):>16}"
         )
@@ -40,7 +43,7 @@ def table(results: list[RunResult], skipped: dict[str, str], device: str) -> str
 def write_json(path: Path, cfg: RunConfig, results: list[RunResult], skipped: dict[str, str], header: str) -> None:
     payload = {
         "environment": header,
-        "config": {k: v for k, v in vars(cfg).items()},
+        "config": dataclasses.asdict(cfg),
         "results": [
             {
                 "name": r.name,
