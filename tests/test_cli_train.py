@@ -123,3 +123,18 @@ def test_output_a_terminal_cannot_encode_is_escaped():
     result = subprocess.run([sys.executable, "-m", "galore_kernels", "train", "--help"], capture_output=True,
                             text=True, env=env)
     assert result.returncode == 0 and "\\u03b1" in result.stdout and "Traceback" not in result.stderr
+
+
+def test_the_default_run_learns_and_galore_stays_close_to_adamw(tmp_path, capsys):
+    """README's claims for `galore-kernels train` with no arguments (about 2 minutes on 2 CPU cores)."""
+    pytest.importorskip("matplotlib")
+    assert main(["train", "--out", str(tmp_path), "--no-progress"]) == 0
+    results = {r["name"]: r for r in json.loads((tmp_path / "results.json").read_text())["results"]}
+    expected = {"adamw", "galore_adamw", "galore_adamw_8bit", "galore_adamw_8bit_layerwise"}
+    assert expected <= set(results)  # bnb AdamW8bit too where bitsandbytes is installed
+    for r in results.values():
+        assert r["final_validation_loss"] < 0.2 * r["initial_validation_loss"], r["name"]
+    adamw = results["adamw"]["final_validation_loss"]
+    for name in expected - {"adamw"}:  # measured: 6% below AdamW's
+        assert abs(results[name]["final_validation_loss"] / adamw - 1) < 0.10, name
+    assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
