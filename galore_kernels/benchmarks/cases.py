@@ -5,8 +5,11 @@ from __future__ import annotations
 import datetime
 import platform
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TextIO
 
 import torch
 
@@ -16,6 +19,34 @@ REFRESH_SHAPES = [(1024, 2816, 128), (2048, 2048, 256), (2048, 5632, 256)]
 STEP_SHAPES = [(1024, 1024, 128), (1024, 2816, 128), (2816, 1024, 128), (2048, 5632, 256)]
 # One tiny case for --smoke runs: they check that a benchmark works; their times mean nothing.
 SMOKE_SHAPES = [(96, 160, 16)]
+
+
+@dataclass(frozen=True)
+class ShapeSettings:
+    """What a shape-sweeping benchmark measures: (m, n, rank) cases, and timed repeats of each.
+
+    >>> ShapeSettings(tuple(SMOKE_SHAPES), repeats=1).shapes
+    ((96, 160, 16),)
+    """
+
+    shapes: tuple[tuple[int, int, int], ...]
+    repeats: int
+
+
+def stream_table(
+    columns: Sequence[str],
+    lines: Iterable[str],
+    device: str | torch.device,
+    file: TextIO | None = None,
+    preamble: Sequence[str] = (),
+) -> None:
+    """The environment line, ``preamble``, a markdown header of ``columns``, then each row line as soon as
+    ``lines`` yields it (a run cut short keeps what it measured)."""
+    file = file or sys.stdout
+    print(environment(device), *preamble, sep="\n", file=file)
+    print("| " + " | ".join(columns) + " |", "|---" * len(columns) + "|", sep="\n", file=file)
+    for line in lines:
+        print(line, file=file, flush=True)
 
 
 def power_law_gradient(

@@ -11,7 +11,6 @@ the slowest step over the median — the spike that refreshing every projector o
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from typing import NamedTuple, TextIO
 import torch
 
 from ..optim import GaLoreAdamW8bit
-from .cases import environment, synchronize
+from .cases import stream_table, synchronize
 
 TITLE = "Layer-wise mode: full gradients alive and step time"
 MODES = {
@@ -50,6 +49,9 @@ SIZES = {
     "quick": Settings(windows=1),  # the same model: the same peaks, the median over fewer steps
     "smoke": Settings(layers=4, width=64, rank=8, gap=2, windows=1),
 }
+
+
+COLUMNS = ("mode", "peak full grads", "median step s", "slowest / median")
 
 
 class Row(NamedTuple):
@@ -120,16 +122,10 @@ def print_table(
     file: TextIO | None = None,
 ) -> None:
     """The environment line, the configuration and the table, each row printed as soon as ``rows`` yields it."""
-    file = file or sys.stdout
     s = settings
-    print(environment(device), file=file)
-    print(
+    configuration = (
         f"{s.layers} × Linear({s.width}, {s.width}) fp32, GaLoreAdamW8bit r={s.rank} T={s.gap}, "
         f"accumulation k={s.k}; one full gradient = {s.grad_bytes / 2**20:.1f} MiB; "
-        f"step 0 excluded, then {s.windows} × T steps",
-        file=file,
+        f"step 0 excluded, then {s.windows} × T steps"
     )
-    print("| mode | peak full grads | median step s | slowest / median |", file=file)
-    print("|---|---|---|---|", file=file)
-    for row in rows:
-        print(format_row(row), file=file, flush=True)
+    stream_table(COLUMNS, map(format_row, rows), device, file, preamble=(configuration,))

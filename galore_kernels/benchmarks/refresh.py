@@ -7,23 +7,16 @@ one warm-up; the energy is ‖B·G'‖² of the randomized projector over that o
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import NamedTuple, TextIO
 
 import torch
 
 from ..projector import compute_projector, oriented, resolve_side
-from .cases import REFRESH_SHAPES, SMOKE_SHAPES, environment, median_seconds, power_law_gradient
+from .cases import REFRESH_SHAPES, SMOKE_SHAPES, median_seconds, power_law_gradient, stream_table
+from .cases import ShapeSettings as Settings
 
 TITLE = "Refresh: exact vs randomized"
-
-
-@dataclass(frozen=True)
-class Settings:
-    shapes: tuple[tuple[int, int, int], ...]  # (m, n, rank)
-    repeats: int
 
 
 SIZES = {
@@ -31,6 +24,9 @@ SIZES = {
     "quick": Settings(tuple(REFRESH_SHAPES[:1]), repeats=1),
     "smoke": Settings(tuple(SMOKE_SHAPES), repeats=1),
 }
+
+
+COLUMNS = ("shape", "rank", "exact ms", "randomized ms", "speed-up", "energy captured (randomized / exact)")
 
 
 class Row(NamedTuple):
@@ -75,9 +71,4 @@ def print_table(
     file: TextIO | None = None,
 ) -> None:
     """The environment line and the table, each row printed as soon as ``rows`` yields it."""
-    file = file or sys.stdout
-    print(environment(device), file=file)
-    print("| shape | rank | exact ms | randomized ms | speed-up | energy captured (randomized / exact) |", file=file)
-    print("|---|---|---|---|---|---|", file=file)
-    for row in rows:
-        print(format_row(row), file=file, flush=True)
+    stream_table(COLUMNS, map(format_row, rows), device, file)

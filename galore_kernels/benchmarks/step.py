@@ -9,25 +9,18 @@ after the first (state creation and the initial refresh). Without galore-torch i
 
 from __future__ import annotations
 
-import sys
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import NamedTuple, TextIO
 
 import torch
 
 from ..optim import GaLoreAdamW
-from .cases import SMOKE_SHAPES, STEP_SHAPES, environment, median_seconds, power_law_gradient
+from .cases import SMOKE_SHAPES, STEP_SHAPES, median_seconds, power_law_gradient, stream_table
+from .cases import ShapeSettings as Settings
 
 TITLE = "Optimizer step: our reference vs galore-torch"
 NOT_INSTALLED = "not installed"
-
-
-@dataclass(frozen=True)
-class Settings:
-    shapes: tuple[tuple[int, int, int], ...]  # (m, n, rank)
-    repeats: int
 
 
 SIZES = {
@@ -35,6 +28,9 @@ SIZES = {
     "quick": Settings(tuple(STEP_SHAPES[:3]), repeats=3),
     "smoke": Settings(tuple(SMOKE_SHAPES), repeats=1),
 }
+
+
+COLUMNS = ("shape", "rank", "step kind", "galore-torch ms", "ours (reference) ms", "galore-torch / ours")
 
 
 class Row(NamedTuple):
@@ -104,9 +100,4 @@ def print_table(
     file: TextIO | None = None,
 ) -> None:
     """The environment line and the table, each row printed as soon as ``rows`` yields it."""
-    file = file or sys.stdout
-    print(environment(device), file=file)
-    print("| shape | rank | step kind | galore-torch ms | ours (reference) ms | galore-torch / ours |", file=file)
-    print("|---|---|---|---|---|---|", file=file)
-    for row in rows:
-        print(format_row(row), file=file, flush=True)
+    stream_table(COLUMNS, map(format_row, rows), device, file)
