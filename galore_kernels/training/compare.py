@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from .. import GaLoreAdamW, GaLoreAdamW8bit
+from ..memory_plan import state_bytes
 from .corpus import TokenSplits
 
 __all__ = ["OPTIMIZERS", "Diverged", "RunConfig", "RunResult", "Unavailable", "tiny_llama", "run_optimizer"]
@@ -120,14 +121,6 @@ def tiny_llama(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
     return LlamaForCausalLM(config)
 
 
-def _galore_groups(model: torch.nn.Module, cfg: RunConfig) -> list[dict]:
-    # galore-torch's recipe: the 2-D weights of attention and MLP blocks are projected, the rest is AdamW.
-    projected = [p for n, p in model.named_parameters() if p.dim() == 2 and ("self_attn" in n or "mlp" in n)]
-    regular = [p for p in model.parameters() if all(p is not q for q in projected)]
-    galore = {"rank": cfg.rank, "update_proj_gap": cfg.update_proj_gap, "scale": cfg.scale, "proj_type": "std"}
-    return [{"params": regular}, {"params": projected, **galore}]
-
-
 def make_optimizer(name: str, model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     """The optimizer ``name`` of :data:`OPTIMIZERS` for ``model``; :class:`Unavailable` if it cannot run."""
     lr = cfg.learning_rate(name)
@@ -139,7 +132,12 @@ def make_optimizer(name: str, model: torch.nn.Module, cfg: RunConfig) -> torch.o
         except ImportError as error:
             raise Unavailable(f"bitsandbytes is not installed ({error})") from None
         return bnb.optim.AdamW8bit(model.parameters(), lr=lr, weight_decay=0.0)
-    groups = _galore_groups(model, cfg)
+    from ..integrations.transformers import galore_param_groups
+
+    # galore-torch's recipe: the nn.Linear weights of attention and MLP blocks are projected, the rest is AdamW.
+    groups = galore_param_groups(
+        model, ["self_attn", "mlp"], rank=cfg.rank, update_proj_gap=cfg.update_proj_gap, scale=cfg.scale
+    )
     if name == "galore_adamw":
         return GaLoreAdamW(groups, lr=lr, eps=1e-8, seed=cfg.seed)  # every optimizer here runs at eps 1e-8
     return GaLoreAdamW8bit(
@@ -153,12 +151,12 @@ def _batches(tokens: torch.Tensor, cfg: RunConfig, count: int, seed: int) -> lis
     return [torch.stack([tokens[s:s + cfg.seq_len] for s in row.tolist()]) for row in starts]
 
 
-def _tensor_bytes(tensors: Iterable[object]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+def _grad_bytes(model: torch.nn.Module) -> int:
+    return sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
 
 
 def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return _tensor_bytes(v for state in optimizer.state.values() for v in state.values())
+    return sum(state_bytes(state) for state in optimizer.state.values())
 
 
 @torch.no_grad()
@@ -174,17 +172,21 @@ def run_optimizer(
 ) -> RunResult:
     """Train from the seed's initial weights with optimizer ``name``; ``progress(step, loss)`` after each step."""
     model = tiny_llama(cfg, vocab_size).to(cfg.device)
-    weight_bytes = _tensor_bytes(model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     peak = [0]
     holder: dict[str, torch.optim.Optimizer] = {}
+    # State tensors keep their size once created, so their bytes change only when a parameter gets state:
+    # recounted then, not at every hook.
+    state_size = {"entries": -1, "bytes": 0}
 
     def observe(_: torch.Tensor | None = None) -> None:
         # From every gradient hook (registered before a layer-wise optimizer's, so the newest gradient is
         # still in .grad) and once after each step (state created by that step).
         opt = holder["opt"]
-        grads = _tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
+        if len(opt.state) != state_size["entries"]:
+            state_size.update(entries=len(opt.state), bytes=_state_bytes(opt))
         held = opt.accumulation_bytes()[0] if hasattr(opt, "accumulation_bytes") else 0
-        peak[0] = max(peak[0], weight_bytes + grads + held + _state_bytes(opt))
+        peak[0] = max(peak[0], weight_bytes + _grad_bytes(model) + held + state_size["bytes"])
 
     on_cpu = cfg.device == "cpu"
     # The hooks close over the model: removed at the end, or each run's model would outlive it.
