@@ -1,4 +1,4 @@
-"""One function per algorithm step, each picking the backend that runs it (DESIGN §6).
+"""One function per algorithm step, each picking the backend that runs it (docs/DESIGN.md §6).
 
 Backends share one signature and one state format, so a run can switch between them mid-training:
 "torch" is the reference (:mod:`galore_kernels.reference`), "triton" the fused kernels of
@@ -17,16 +17,16 @@ import torch
 
 from . import projector as proj
 from . import reference
-from .reference import AdamHyper, GaLoreConfig
+from .config import AdamHyper, GaLoreConfig
 from .state import is_quantized, matrix_shape
 
 __all__ = [
     "BACKENDS",
     "check_backend",
     "resolve_backend",
-    "adamw_steps",
+    "adamw",
     "galore_adamw_step",
-    "galore_adamw_step_projected",
+    "galore_adamw_step_from_projection",
     "project_gradient",
 ]
 
@@ -51,7 +51,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     check_backend(backend)
     if backend == "torch":
         return "torch"
-    from .kernels.runtime import interpreting
+    from .kernels.common.runtime import interpreting
 
     runnable = device.type == "cuda" or interpreting()
     if backend == "triton":
@@ -64,7 +64,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return "triton" if device.type == "cuda" and _triton_available() else "torch"
 
 
-def adamw_steps(
+def adamw(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
     states: list[dict[str, Any]],
@@ -72,31 +72,29 @@ def adamw_steps(
     *,
     backend: str,
 ) -> None:
-    """AdamW on parameters without projection (one param group), fp32 or 8-bit moments as each state holds."""
+    """AdamW on parameters without projection (one param group), fp32 or 8-bit moments as each state holds.
+
+    The Triton path launches one multi-tensor kernel per (device, dtypes, moment format) bucket;
+    non-contiguous parameters take the reference.
+    """
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, (p, g, s) in enumerate(zip(params, grads, states)):
         if resolve_backend(backend, p.device) == "torch" or not p.is_contiguous():
-            reference.adamw_step(p, g, s, hyper)
+            reference.adamw([p], [g], [s], hyper)
         else:
             buckets[(p.device, p.dtype, g.dtype, is_quantized(s))].append(i)
     if not buckets:
         return
-    from .kernels.adamw_elementwise import adamw_multi_tensor
+    from .kernels import adamw as adamw_kernel
 
     for members in buckets.values():
-        member_states = [states[i] for i in members]
-        adamw_multi_tensor(
-            [params[i] for i in members],
-            [grads[i] for i in members],
-            member_states,
-            [hyper.step_size(s["step"]) for s in member_states],
-            beta1=hyper.beta1,
-            beta2=hyper.beta2,
-            eps=hyper.eps,
-            decay=hyper.decay,
-        )
-        for s in member_states:
-            s["step"] += 1
+        adamw_kernel.adamw([params[i] for i in members], [grads[i] for i in members], [states[i] for i in members], hyper)
+
+
+def _runs_kernels(param: torch.Tensor, side: str, backend: str) -> bool:
+    """Whether a projected step runs the fused kernels: ``proj_type="full"`` and non-contiguous weights
+    take the reference on every backend."""
+    return resolve_backend(backend, param.device) == "triton" and side != "full" and param.is_contiguous()
 
 
 def galore_adamw_step(
@@ -104,35 +102,26 @@ def galore_adamw_step(
     grad: torch.Tensor,
     state: dict[str, Any],
     hyper: AdamHyper,
-    cfg: GaLoreConfig,
+    config: GaLoreConfig,
     *,
     backend: str,
 ) -> None:
     """GaLore-AdamW on a ≥2-D parameter, with fp32 or 8-bit moments as its state holds.
 
-    The Triton path runs the randomized refresh with the in-kernel sketch, then kernel A (project + Adam)
-    and kernel B (back-project + update). ``proj_type="full"`` and non-contiguous weights take the
-    reference on every backend.
+    The Triton path runs the randomized refresh with the in-kernel sketch, then ``project_adam`` and
+    ``backproject_update``.
     """
     g = grad.reshape(matrix_shape(param))
-    side = proj.resolve_side(cfg.proj_type, tuple(g.shape))
-    if resolve_backend(backend, param.device) == "torch" or side == "full" or not param.is_contiguous():
-        reference.galore_adamw_step(param, grad, state, hyper, cfg)
+    side = proj.resolve_side(config.proj_type, tuple(g.shape))
+    if not _runs_kernels(param, side, backend):
+        reference.galore_adamw_step(param, grad, state, hyper, config)
         return
+    from .kernels.gaussian_sketch import gaussian_sketch
     from .kernels.project_adam import project_adam
-    from .kernels.sketch import gaussian_sketch
 
-    if proj.is_refresh_step(state["step"], cfg.update_proj_gap, state["refresh_offset"]):
-        reference.refresh_projector_(state, g, side, cfg, sketch=gaussian_sketch)
-    direction = project_adam(
-        state["projector"],
-        proj.oriented(g, side),
-        state,
-        beta1=hyper.beta1,
-        beta2=hyper.beta2,
-        eps=hyper.eps,
-        scale=cfg.scale,
-    )
+    if proj.is_refresh_step(state["step"], config.update_proj_gap, state["refresh_offset"]):
+        reference.refresh_projector_(state, g, side, config, sketch=gaussian_sketch)
+    direction = project_adam(state["projector"], proj.oriented(g, side), state, hyper, config.scale)
     _backproject_update(param, direction, state, hyper, side)
 
 
@@ -140,42 +129,35 @@ def project_gradient(state: dict[str, Any], g: torch.Tensor, side: str, *, backe
     """S = B·G' in fp32 (moment-shaped), for layer-wise accumulation of projected gradients.
 
     Every backend runs the reference's GEMM (cuBLAS on CUDA): there is no projection-only kernel, and the
-    sum is consumed by kernel A's epilogue later. On CUDA it follows torch's fp32 matmul precision setting
-    (TF32 when enabled), where kernel A uses tf32x3.
+    sum is consumed by the ``adam_direction`` kernel later. On CUDA it follows torch's fp32 matmul
+    precision setting (TF32 when enabled), where ``project_adam`` uses tf32x3.
     """
     check_backend(backend)
     return reference.project(state, g, side)
 
 
-def galore_adamw_step_projected(
+def galore_adamw_step_from_projection(
     param: torch.Tensor,
     s: torch.Tensor,
     state: dict[str, Any],
     hyper: AdamHyper,
-    cfg: GaLoreConfig,
+    config: GaLoreConfig,
     *,
     backend: str,
 ) -> None:
     """GaLore-AdamW from an already projected fp32 gradient ``s`` (moment-shaped): Adam, back-project, update.
 
     Layer-wise accumulation steps through here with the sum of a window's projected gradients. The
-    Triton path runs kernel A's epilogue alone (``PROJECTED``) and kernel B.
+    Triton path runs the ``adam_direction`` kernel (``project_adam``'s epilogue alone) and
+    ``backproject_update``.
     """
-    side = proj.resolve_side(cfg.proj_type, matrix_shape(param))
-    if resolve_backend(backend, param.device) == "torch" or side == "full" or not param.is_contiguous():
-        reference.galore_adamw_step_projected(param, s, state, hyper, cfg)
+    side = proj.resolve_side(config.proj_type, matrix_shape(param))
+    if not _runs_kernels(param, side, backend):
+        reference.galore_adamw_step_from_projection(param, s, state, hyper, config)
         return
-    from .kernels.project_adam import projected_adam
+    from .kernels.project_adam import adam_direction
 
-    direction = projected_adam(
-        s.contiguous(),
-        state,
-        state["projector"].dtype,
-        beta1=hyper.beta1,
-        beta2=hyper.beta2,
-        eps=hyper.eps,
-        scale=cfg.scale,
-    )
+    direction = adam_direction(s.contiguous(), state, hyper, config.scale, out_dtype=state["projector"].dtype)
     _backproject_update(param, direction, state, hyper, side)
 
 

@@ -1,73 +1,41 @@
-"""The pure-PyTorch GaLore-AdamW step: the executable spec of DESIGN §3 and the CPU backend.
+"""The pure-PyTorch GaLore-AdamW step: the executable spec of the numerics contract (docs/DESIGN.md §3).
 
-Kernels are tested against these functions; they are never edited to fit a kernel. Every step
-computes in fp32 and writes the weight once in its own dtype.
+It is also the CPU backend. There is one public function per fused kernel, with the kernel's name and
+signature, so each kernel is tested against the function of its own name (docs/DESIGN.md §5):
+
+==========================================  ==================================================
+``project_adam``, ``adam_direction``        ``kernels/project_adam.py``
+``backproject_update``                      ``kernels/backproject_update.py``
+``adamw``                                   ``kernels/adamw.py``
+==========================================  ==================================================
+
+The 8-bit format's reference is :mod:`galore_kernels.quant` and the sketch's is
+:func:`galore_kernels.projector.gaussian_sketch`. These functions are never edited to fit a kernel.
+Every step computes in fp32 and writes the weight once in its own dtype.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from . import projector as proj
-from .quant import dequantize_blockwise, quantize_blockwise
+from .config import AdamHyper, GaLoreConfig
+from .quant import quantize_blockwise
 from .rng import sketch_seed
-from .state import is_quantized, matrix_shape
+from .state import dequantized_moments, is_quantized, matrix_shape
 
 __all__ = [
-    "AdamHyper",
-    "GaLoreConfig",
-    "adamw_step",
-    "galore_adamw_step",
-    "galore_adamw_step_projected",
+    "adam_direction",
+    "project_adam",
+    "backproject_update",
+    "adamw",
     "project",
     "refresh_projector_",
+    "galore_adamw_step_from_projection",
+    "galore_adamw_step",
 ]
-
-
-@dataclass(frozen=True)
-class AdamHyper:
-    """The AdamW hyper-parameters of one step of one parameter group."""
-
-    lr: float
-    beta1: float
-    beta2: float
-    eps: float
-    weight_decay: float
-
-    @property
-    def decay(self) -> float:
-        """The decoupled weight-decay factor 1 − lr·wd applied to W before the update."""
-        return 1.0 - self.lr * self.weight_decay
-
-    def step_size(self, step: int) -> float:
-        """lr·√(1−β2^(t+1)) / (1−β1^(t+1)) for ``step`` = t completed steps (galore-torch's folding)."""
-        t = step + 1
-        return self.lr * math.sqrt(1.0 - self.beta2**t) / (1.0 - self.beta1**t)
-
-
-@dataclass(frozen=True)
-class GaLoreConfig:
-    """The projection settings of one GaLore parameter group."""
-
-    rank: int
-    update_proj_gap: int
-    scale: float
-    proj_type: str
-    svd: str
-    oversample: int
-    power_iters: int
-
-
-def _load_moments(state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    if not is_quantized(state):
-        return state["exp_avg"], state["exp_avg_sq"]
-    m = dequantize_blockwise(state["exp_avg"], state["exp_avg_absmax"], signed=True)
-    v = dequantize_blockwise(state["exp_avg_sq"], state["exp_avg_sq_absmax"], signed=False)
-    return m, v
 
 
 def _store_moments_(state: dict[str, Any], m: torch.Tensor, v: torch.Tensor) -> None:
@@ -79,40 +47,71 @@ def _store_moments_(state: dict[str, Any], m: torch.Tensor, v: torch.Tensor) -> 
         state[f"{name}_absmax"].copy_(absmax)
 
 
-def _adam_direction(state: dict[str, Any], s: torch.Tensor, hyper: AdamHyper) -> torch.Tensor:
-    """Update the moments with fp32 ``s`` (moment-shaped) and return N = m / (√v + ε)."""
-    m, v = _load_moments(state)
+def adam_direction(s: torch.Tensor, state: dict[str, Any], hyper: AdamHyper, scale: float = 1.0) -> torch.Tensor:
+    """Update the state's moments with the fp32 gradient ``s`` (moment-shaped); return N = α·m / (√v + ε).
+
+    fp32 moments are updated in place; 8-bit ones are dequantized, updated and quantized back.
+
+    >>> from galore_kernels.state import init_state
+    >>> st = init_state(torch.zeros(4, 4), {}, param_seed=0, min_8bit_size=None)
+    >>> round(adam_direction(torch.ones(4, 4), st, AdamHyper(1e-3, 0.9, 0.999, 0.0, 0.0))[0, 0].item(), 4)
+    3.1623
+    """
+    m, v = dequantized_moments(state)
     m.mul_(hyper.beta1).add_(s, alpha=1.0 - hyper.beta1)
     v.mul_(hyper.beta2).addcmul_(s, s, value=1.0 - hyper.beta2)
     direction = m / (v.sqrt() + hyper.eps)
     _store_moments_(state, m, v)
-    return direction
+    return direction.mul_(scale) if scale != 1.0 else direction
 
 
-def _apply_update_(param: torch.Tensor, delta: torch.Tensor, hyper: AdamHyper, step_size: float) -> None:
-    """W ← W·(1 − lr·wd) − step_size·Δ in fp32, written once in W's dtype."""
+def project_adam(
+    projector: torch.Tensor, g_oriented: torch.Tensor, state: dict[str, Any], hyper: AdamHyper, scale: float
+) -> torch.Tensor:
+    """S = B·G' in fp32, then :func:`adam_direction` on it: returns N (r × k, fp32)."""
+    return adam_direction(projector.float() @ g_oriented.float(), state, hyper, scale)
+
+
+def _apply_update_(param: torch.Tensor, delta: torch.Tensor, decay: float, step_size: float) -> None:
+    """W ← W·decay − step_size·Δ in fp32, written once in W's dtype."""
     weight = param.float()  # the parameter itself when it is fp32, a working copy otherwise
-    if hyper.weight_decay != 0.0:
-        weight.mul_(hyper.decay)
+    if decay != 1.0:
+        weight.mul_(decay)
     weight.add_(delta.reshape(param.shape), alpha=-step_size)
     if weight is not param:
         param.copy_(weight)
 
 
-def adamw_step(param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], hyper: AdamHyper) -> None:
-    """One AdamW step of a parameter without projection (fp32 or 8-bit moments, as its state holds)."""
-    t = state["step"]
-    s = grad.float().reshape(state["exp_avg"].shape)
-    direction = _adam_direction(state, s, hyper)
-    _apply_update_(param, direction, hyper, hyper.step_size(t))
-    state["step"] = t + 1
+def backproject_update(
+    weight: torch.Tensor, projector: torch.Tensor, direction: torch.Tensor, side: str, *, decay: float, step_size: float
+) -> None:
+    """W ← W·decay − step_size·ΔW in place, ΔW = Bᵀ·N (left) or Nᵀ·B (right).
+
+    ``weight`` is m × n, or a ≥3-D tensor treated as (shape[0], rest) (the kernel takes 2-D views only).
+    """
+    b, direction = projector.float(), direction.float()
+    # ΔW = (Bᵀ·N)ᵀ = Nᵀ·B on the right side: computing it in W's orientation keeps the weight update a
+    # contiguous pass (adding a transposed 1024² delta measured 2 ms vs 0.3 ms on the CPU).
+    delta = b.T @ direction if side == "left" else direction.T @ b
+    _apply_update_(weight, delta, decay, step_size)
+
+
+def adamw(
+    params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, Any]], hyper: AdamHyper
+) -> None:
+    """One AdamW step of parameters without projection, fp32 or 8-bit moments as each state holds."""
+    for param, grad, state in zip(params, grads, states):
+        t = state["step"]
+        direction = adam_direction(grad.float().reshape(state["exp_avg"].shape), state, hyper)
+        _apply_update_(param, direction, hyper.decay, hyper.step_size(t))
+        state["step"] = t + 1
 
 
 def refresh_projector_(
     state: dict[str, Any],
     g: torch.Tensor,
     side: str,
-    cfg: GaLoreConfig,
+    config: GaLoreConfig,
     *,
     sketch: proj.Sketch = proj.gaussian_sketch,
 ) -> None:
@@ -122,13 +121,13 @@ def refresh_projector_(
     passes its own ``sketch`` to compute G'·Ω (the reference materializes Ω).
     """
     seed = sketch_seed(state["seed"], state["step"])
-    kwargs = dict(method=cfg.svd, seed=seed, oversample=cfg.oversample, power_iters=cfg.power_iters)
+    kwargs = dict(method=config.svd, seed=seed, oversample=config.svd_oversample, power_iters=config.svd_power_iters)
     if side == "full":
-        left, right = proj.compute_full_projectors(g, cfg.rank, **kwargs)
+        left, right = proj.compute_full_projectors(g, config.rank, **kwargs)
         state["projector"].copy_(left)
         state["projector_right"].copy_(right)
     else:
-        state["projector"].copy_(proj.compute_projector(g, cfg.rank, side, sketch=sketch, **kwargs))
+        state["projector"].copy_(proj.compute_projector(g, config.rank, side, sketch=sketch, **kwargs))
 
 
 def project(state: dict[str, Any], g: torch.Tensor, side: str) -> torch.Tensor:
@@ -139,8 +138,8 @@ def project(state: dict[str, Any], g: torch.Tensor, side: str) -> torch.Tensor:
     return b @ proj.oriented(g, side).float()
 
 
-def galore_adamw_step_projected(
-    param: torch.Tensor, s: torch.Tensor, state: dict[str, Any], hyper: AdamHyper, cfg: GaLoreConfig
+def galore_adamw_step_from_projection(
+    param: torch.Tensor, s: torch.Tensor, state: dict[str, Any], hyper: AdamHyper, config: GaLoreConfig
 ) -> None:
     """The step after projection: Adam on the fp32 projected gradient ``s`` (r × k), back-project, update W.
 
@@ -148,34 +147,32 @@ def galore_adamw_step_projected(
     is a refresh, :func:`project` and this.
     """
     t = state["step"]
-    side = proj.resolve_side(cfg.proj_type, matrix_shape(param))
-    b = state["projector"].float()
-    direction = _adam_direction(state, s, hyper).mul_(cfg.scale)
+    side = proj.resolve_side(config.proj_type, matrix_shape(param))
+    direction = adam_direction(s, state, hyper, config.scale)
+    step_size = hyper.step_size(t)
     if side == "full":
-        delta = b.T @ direction @ state["projector_right"].float()
+        delta = state["projector"].float().T @ direction @ state["projector_right"].float()
+        _apply_update_(param, delta, hyper.decay, step_size)
     else:
-        # ΔW = (Bᵀ·N)ᵀ = Nᵀ·B on the right side: computing it in W's orientation keeps the weight update
-        # a contiguous pass (adding a transposed 1024² delta measured 2 ms vs 0.3 ms on the CPU).
-        delta = b.T @ direction if side == "left" else direction.T @ b
-    _apply_update_(param, delta, hyper, hyper.step_size(t))
+        backproject_update(param, state["projector"], direction, side, decay=hyper.decay, step_size=step_size)
     state["step"] = t + 1
 
 
 def galore_adamw_step(
-    param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], hyper: AdamHyper, cfg: GaLoreConfig
+    param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], hyper: AdamHyper, config: GaLoreConfig
 ) -> None:
     """One GaLore-AdamW step of a ≥2-D parameter: refresh B on schedule, S = B·G', Adam on S, W update.
 
     >>> from galore_kernels.state import init_state
     >>> w = torch.randn(16, 8); group = {"rank": 2, "proj_type": "std"}
     >>> st = init_state(w, group, param_seed=0, min_8bit_size=None)
-    >>> cfg = GaLoreConfig(2, 200, 0.25, "std", "exact", 8, 2)
-    >>> galore_adamw_step(w, torch.randn(16, 8), st, AdamHyper(1e-3, 0.9, 0.999, 1e-6, 0.0), cfg)
+    >>> config = GaLoreConfig(rank=2, svd="exact")
+    >>> galore_adamw_step(w, torch.randn(16, 8), st, AdamHyper(1e-3, 0.9, 0.999, 1e-6, 0.0), config)
     >>> st["step"], tuple(st["exp_avg"].shape)
     (1, (2, 16))
     """
     g = grad.reshape(matrix_shape(param))
-    side = proj.resolve_side(cfg.proj_type, tuple(g.shape))
-    if proj.is_refresh_step(state["step"], cfg.update_proj_gap, state["refresh_offset"]):
-        refresh_projector_(state, g, side, cfg)
-    galore_adamw_step_projected(param, project(state, g, side), state, hyper, cfg)
+    side = proj.resolve_side(config.proj_type, tuple(g.shape))
+    if proj.is_refresh_step(state["step"], config.update_proj_gap, state["refresh_offset"]):
+        refresh_projector_(state, g, side, config)
+    galore_adamw_step_from_projection(param, project(state, g, side), state, hyper, config)

@@ -25,14 +25,14 @@ from typing import Any
 import torch
 
 from .projector import effective_rank, resolve_side
-from .quant import BLOCK_SIZE
+from .quant import BLOCK_SIZE, dequantize_blockwise
 
-__all__ = ["is_galore", "matrix_shape", "init_state", "is_quantized"]
+__all__ = ["is_projected", "matrix_shape", "init_state", "is_quantized", "dequantized_moments"]
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
 
-def is_galore(param: torch.Tensor, group: dict[str, Any]) -> bool:
+def is_projected(param: torch.Tensor, group: dict[str, Any]) -> bool:
     """Whether ``param`` is projected: its group has a ``rank`` and it is a non-empty tensor of ≥ 2 dims."""
     return "rank" in group and param.dim() >= 2 and param.numel() > 0
 
@@ -43,11 +43,22 @@ def matrix_shape(param: torch.Tensor) -> tuple[int, int]:
 
 
 def projector_dtype(param: torch.Tensor) -> torch.dtype:
+    """The projector's dtype: the parameter's for 16-bit parameters, fp32 otherwise."""
     return param.dtype if param.dtype in _SIXTEEN_BIT else torch.float32
 
 
 def is_quantized(state: dict[str, Any]) -> bool:
+    """Whether the state's moments are 8-bit codes (with absmax) rather than fp32."""
     return "exp_avg_absmax" in state
+
+
+def dequantized_moments(state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, v) as fp32 tensors: the state's own tensors when fp32, fresh dequantized copies when 8-bit."""
+    if not is_quantized(state):
+        return state["exp_avg"], state["exp_avg_sq"]
+    m = dequantize_blockwise(state["exp_avg"], state["exp_avg_absmax"], signed=True)
+    v = dequantize_blockwise(state["exp_avg_sq"], state["exp_avg_sq_absmax"], signed=False)
+    return m, v
 
 
 def _moments(shape: tuple[int, ...], device: torch.device, quantize: bool) -> dict[str, torch.Tensor]:
@@ -87,7 +98,7 @@ def init_state(
     def quantize(numel: int) -> bool:
         return min_8bit_size is not None and numel >= max(min_8bit_size, 1)
 
-    if not is_galore(param, group):
+    if not is_projected(param, group):
         numel = param.numel()
         shape = (1, numel) if quantize(numel) else tuple(param.shape)
         state.update(_moments(shape, device, quantize(numel)))

@@ -8,10 +8,10 @@ import torch
 
 from galore_kernels import reference
 from galore_kernels.kernels.backproject_update import backproject_update
-from galore_kernels.kernels.project_adam import project_adam, projected_adam
+from galore_kernels.kernels.project_adam import adam_direction, project_adam
 from galore_kernels.projector import compute_projector, oriented, resolve_side
-from galore_kernels.reference import AdamHyper
-from galore_kernels.state import init_state
+from galore_kernels.config import AdamHyper, GaLoreConfig
+from galore_kernels.state import dequantized_moments, init_state
 from kernel_cases import DEVICE, DTYPES, SHAPES, codes_agree, ranks_for, seed_of, tolerance
 from tolerances import ABSMAX_8BIT, assert_same_rounding, rel_err
 
@@ -22,7 +22,7 @@ SCALE = 0.7
 def _warm_state(w, g, rank, proj_type, quantize, gen):
     """State after two reference steps (moments non-zero), and the gradient of the next step."""
     state = init_state(w, {"rank": rank, "proj_type": proj_type}, param_seed=3, min_8bit_size=quantize)
-    cfg = reference.GaLoreConfig(rank, 100, SCALE, proj_type, "randomized", 8, 2)
+    cfg = GaLoreConfig(rank=rank, update_proj_gap=100, scale=SCALE, proj_type=proj_type)
     w = w.clone()
     for _ in range(2):
         noise = torch.rand(g.shape, generator=gen).to(g.dtype)
@@ -44,14 +44,13 @@ def test_project_adam_matches_reference(shape, proj_type, dtype, quantize, given
         side = resolve_side(proj_type, shape)
         expected_state = copy.deepcopy(state)
         s = expected_state["projector"].float() @ oriented(g, side).float()
-        expected_n = reference._adam_direction(expected_state, s, HYPER).mul_(SCALE)
+        expected_n = reference.adam_direction(s, expected_state, HYPER, SCALE)
 
         device_state = {k: v.to(DEVICE, copy=True) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
-        adam = dict(beta1=HYPER.beta1, beta2=HYPER.beta2, eps=HYPER.eps, scale=SCALE)
         if given_s:
-            n = projected_adam(s.to(DEVICE), device_state, device_state["projector"].dtype, **adam)
+            n = adam_direction(s.to(DEVICE), device_state, HYPER, SCALE, out_dtype=device_state["projector"].dtype)
         else:
-            n = project_adam(device_state["projector"], oriented(g.to(DEVICE), side), device_state, **adam)
+            n = project_adam(device_state["projector"], oriented(g.to(DEVICE), side), device_state, HYPER, SCALE)
         assert n.dtype == (dtype if dtype != torch.float32 else torch.float32)
         assert not torch.isnan(n).any()
         tol = tolerance(dtype)
@@ -71,7 +70,7 @@ def test_project_adam_matches_reference(shape, proj_type, dtype, quantize, given
 
 
 def _updated_moments(state, s):
-    m, v = reference._load_moments(copy.deepcopy(state))
+    m, v = dequantized_moments(copy.deepcopy(state))
     return m * HYPER.beta1 + s * (1 - HYPER.beta1), v * HYPER.beta2 + s * s * (1 - HYPER.beta2)
 
 

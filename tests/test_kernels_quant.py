@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from galore_kernels import quant
-from galore_kernels.kernels import quant_blockwise
+from galore_kernels.kernels import quantize_blockwise as quant_blockwise
 from kernel_cases import DEVICE, DTYPES, codes_agree, seed_of
 from tolerances import ABSMAX_8BIT, rel_err
 

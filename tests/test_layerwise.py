@@ -141,7 +141,7 @@ def test_tiny_llama_layerwise_equals_plain(cls, kwargs, k):
 
 def test_each_step_uses_the_scheduler_learning_rate(monkeypatch):
     used = []  # (parameter step, lr) as each parameter's step saw it
-    for name in ("galore_adamw_step", "galore_adamw_step_projected", "adamw_steps"):
+    for name in ("galore_adamw_step", "galore_adamw_step_from_projection", "adamw"):
         real = getattr(functional, name)
 
         def spy(param, grad, state, hyper, *args, _real=real, **kwargs):

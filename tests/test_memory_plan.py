@@ -9,8 +9,8 @@ pytest.importorskip("transformers")
 
 from galore_kernels import GaLoreAdamW, GaLoreAdamW8bit  # noqa: E402
 from galore_kernels.cli import main  # noqa: E402
-from galore_kernels.integrations.transformers import galore_param_groups  # noqa: E402
-from galore_kernels.memory_plan import (  # noqa: E402
+from galore_kernels.optim.param_groups import galore_param_groups  # noqa: E402
+from galore_kernels.training.memory_plan import (  # noqa: E402
     MODES,
     PAPER_LLAMA_7B,
     build_meta_model,

@@ -5,7 +5,7 @@ Example::
     galore-kernels memory --model llama-7b --rank 1024
     galore-kernels memory --model path/to/config.json --dtype fp32 --tokens 2048
 
-The numbers come from :mod:`galore_kernels.memory_plan`: the model is built on the meta device, so
+The numbers come from :mod:`galore_kernels.training.memory_plan`: the model is built on the meta device, so
 nothing is downloaded or allocated.
 """
 
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from . import CLIError
 
 if TYPE_CHECKING:
-    from ..memory_plan import MemoryPlan
+    from ..training.memory_plan import MemoryPlan
 
 PAPER = "Zhao et al. 2024 (GaLore, arXiv 2403.03507)"
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}  # option value → torch dtype name
@@ -58,7 +58,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import memory_plan
+    from ..training import memory_plan
 
     for name in ("rank", "tokens"):
         value = getattr(args, name)
@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _report(model: str, model_type: str, plan: MemoryPlan, dtype: str, targets: tuple[str, ...]) -> str:
     """The header, the table (modes as rows, GB) and the notes that say where each number comes from."""
-    from ..memory_plan import PAPER_LLAMA_7B, PAPER_SETTINGS
+    from ..training.memory_plan import PAPER_LLAMA_7B, PAPER_SETTINGS
 
     paper = PAPER_LLAMA_7B if model == PAPER_SETTINGS["model"] else {}
     lines = [

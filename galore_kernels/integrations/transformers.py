@@ -1,4 +1,5 @@
-"""Hugging Face ``transformers``: GaLore param groups, ``Trainer``-style optimizer names, the logged grad norm.
+"""Hugging Face ``transformers``: ``Trainer``-style optimizer names, the logged grad norm, and GaLore param
+groups (:func:`galore_param_groups`, from :mod:`galore_kernels.optim.param_groups`, re-exported here).
 
 ``Trainer`` builds GaLore optimizers from galore-torch; here the same names, ``optim_args`` and
 ``optim_target_modules`` build this package's optimizers, which are handed to ``Trainer`` ready made::
@@ -28,7 +29,6 @@ through ``Trainer`` as usual; it reloads optimizer state with ``torch.load(..., 
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -45,6 +45,7 @@ except ImportError as error:  # the package itself needs no transformers; only t
     ) from error
 
 from ..optim import GaLoreAdamW, GaLoreAdamW8bit
+from ..optim.param_groups import galore_param_groups
 
 __all__ = ["OPTIMIZER_NAMES", "galore_param_groups", "create_optimizer", "GaLoreGradNormCallback"]
 
@@ -64,87 +65,6 @@ _GROUP_KEYS: dict[str, type] = {
 _OPTIMIZER_KEYS: dict[str, type] = {"refresh_schedule": str, "seed": int}
 # Clipping by the previous step's norm exists only in layer-wise mode; otherwise Trainer clips .grad itself.
 _LAYERWISE_KEYS: dict[str, type] = {"max_grad_norm": float}
-
-
-def galore_param_groups(
-    model: nn.Module,
-    target_modules: str | Sequence[str],
-    *,
-    rank: int = 128,
-    update_proj_gap: int = 200,
-    scale: float = 0.25,
-    proj_type: str = "std",
-    weight_decay: float = 0.0,
-) -> list[dict[str, Any]]:
-    """Param groups that project the weights of the ``nn.Linear`` modules ``target_modules`` selects.
-
-    Modules are selected as ``Trainer`` selects them for its ``optim_target_modules``: ``"all-linear"``
-    (or ``"all_linear"``) takes every ``nn.Linear`` — the output head ``lm_head`` included, as in
-    ``Trainer`` (PEFT's ``"all-linear"`` leaves it out); another string is a regex that must match a
-    module's whole name; a list selects a module whose name contains an entry or fully matches one as a
-    regex. Only the ``weight`` of a selected ``nn.Linear`` is projected; embeddings, norms and biases
-    never are. A weight is found by its name, so one tied to an embedding (listed under the
-    embedding's name) stays AdamW, again as in ``Trainer``.
-
-    Returns ``[plain, projected]``: every other trainable parameter in one AdamW group, the selected
-    weights in a group with ``rank``, ``update_proj_gap``, ``scale`` and ``proj_type``; both groups get
-    ``weight_decay``. Frozen parameters (``requires_grad=False``) are in neither group.
-
-    Raises ``ValueError`` when ``target_modules`` is neither a string nor a list of strings, holds an
-    invalid regex, or selects no trainable ``nn.Linear`` weight.
-
-    Example::
-
-        groups = galore_param_groups(model, [r".*\\.(q|v)_proj", "mlp"], rank=64)
-        optimizer = GaLoreAdamW(groups, lr=1e-2)
-    """
-    all_linear = isinstance(target_modules, str) and target_modules.replace("_", "-") == "all-linear"
-    if not all_linear:
-        _check_target_modules(target_modules)
-    linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    selected = [name for name in linear if all_linear or _selects(target_modules, name)]
-    if not selected:
-        raise ValueError(
-            f"target_modules {target_modules!r} matches no nn.Linear module; this model's nn.Linear modules "
-            f"include {linear[:6]}"
-        )
-    weight_names = {f"{name}.weight" if name else "weight" for name in selected}
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    projected = [p for name, p in trainable if name in weight_names]
-    if not projected:
-        raise ValueError(f"target_modules {target_modules!r} matches only frozen nn.Linear weights: {selected[:6]}")
-    return [
-        {"params": [p for name, p in trainable if name not in weight_names], "weight_decay": weight_decay},
-        {
-            "params": projected,
-            "rank": rank,
-            "update_proj_gap": update_proj_gap,
-            "scale": scale,
-            "proj_type": proj_type,
-            "weight_decay": weight_decay,
-        },
-    ]
-
-
-def _check_target_modules(target_modules: Any) -> None:
-    patterns = [target_modules] if isinstance(target_modules, str) else target_modules
-    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
-        raise ValueError(
-            f"target_modules must be 'all-linear', a regex string or a list of substrings/regexes, "
-            f"got {target_modules!r}"
-        )
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as error:
-            raise ValueError(f"target_modules entry {pattern!r} is not a valid regex: {error}") from None
-
-
-def _selects(target_modules: str | Sequence[str], name: str) -> bool:
-    """transformers' ``check_target_module_exists``, the matcher behind ``optim_target_modules``."""
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(pattern in name or re.fullmatch(pattern, name) for pattern in target_modules)
 
 
 def create_optimizer(

@@ -1,4 +1,6 @@
-"""Kernel B: ΔW = Pᵀ·Q over the rank dimension, with the weight update W ← W·decay − step_size·ΔW.
+"""ΔW = Pᵀ·Q over the rank dimension, with the weight update W ← W·decay − step_size·ΔW.
+
+Reference: :func:`galore_kernels.reference.backproject_update`.
 
 Left side: P = B (r × m), Q = N (r × n). Right side: P = N (r × m), Q = B (r × n), so ΔW = Nᵀ·B is
 produced in W's orientation through strides, never transposed in memory. The update is computed in fp32
@@ -11,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .rounding import round_to
-from .runtime import dot_precision, interpreting, on_device, upcast_dot
+from .common.rounding import round_to
+from .common.runtime import dot_precision, interpreting, on_device, upcast_dot
 
 
 @triton.jit
@@ -21,7 +23,7 @@ def _backproject_update_kernel(
     r, m, n,
     stride_pr, stride_pm, stride_qr, stride_qn, stride_wm, stride_wn,
     decay, step_size,
-    UPCAST: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, SOFTWARE_BF16_ROUNDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid_m = tl.program_id(0).to(tl.int64)
@@ -54,10 +56,10 @@ def _backproject_update_kernel(
     w_ptrs = w_ptr + rows[:, None] * stride_wm + cols[None, :] * stride_wn
     w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
     w = w * decay - step_size * acc
-    tl.store(w_ptrs, round_to(w, w_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
+    tl.store(w_ptrs, round_to(w, w_ptr.dtype.element_ty, SOFTWARE_BF16_ROUNDING), mask=mask)
 
 
-def config(m: int, n: int) -> dict[str, int]:
+def tile_sizes(m: int, n: int) -> dict[str, int]:
     """128 × 128 output tiles for large weights, 64 × 64 (4 warps) for small ones."""
     big = m >= 128 and n >= 128
     return {
@@ -83,9 +85,9 @@ def backproject_update(
     r = p.shape[0]
     if p.shape != (r, m) or q.shape != (r, n):
         raise ValueError(f"shapes do not compose: P {tuple(p.shape)}, Q {tuple(q.shape)}, W {(m, n)}")
-    cfg = config(m, n)
+    tiles = tile_sizes(m, n)
     upcast = upcast_dot(p.dtype, q.dtype)
-    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    grid = (triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(n, tiles["BLOCK_N"]))
     with on_device(weight):
         _backproject_update_kernel[grid](
             p, q, weight,
@@ -93,7 +95,7 @@ def backproject_update(
             p.stride(0), p.stride(1), q.stride(0), q.stride(1), weight.stride(0), weight.stride(1),
             decay, step_size,
             UPCAST=upcast,
-            SOFT_BF16=interpreting(),
+            SOFTWARE_BF16_ROUNDING=interpreting(),
             DOT_PRECISION=dot_precision(torch.float32 if upcast else p.dtype),
-            **cfg,
+            **tiles,
         )

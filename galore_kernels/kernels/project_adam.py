@@ -1,7 +1,9 @@
-"""Kernel A: S = B·G' (fp32 accumulate) with the Adam epilogue, writing N = α·m/(√v + ε).
+"""S = B·G' (fp32 accumulate) with the Adam epilogue, writing the direction N = α·m/(√v + ε).
 
-With ``PROJECTED`` the kernel reads a given fp32 S instead of computing it: layer-wise accumulation sums
-projected gradients over several backward passes and then needs only the epilogue.
+Reference: :func:`galore_kernels.reference.project_adam` and, for the epilogue alone,
+:func:`galore_kernels.reference.adam_direction`. With ``GIVEN_S`` the kernel reads a given fp32 S instead
+of computing it (:func:`adam_direction`): layer-wise accumulation sums projected gradients over several
+backward passes and then needs only the epilogue.
 
 One program owns a (BLOCK_R × BLOCK_K) tile of S and loops over d, accumulating it k-major. The epilogue loads that tile's
 moments (fp32, or 8-bit codes + absmax dequantized in registers), updates them, writes them back
@@ -18,22 +20,23 @@ import torch
 import triton
 import triton.language as tl
 
+from ..config import AdamHyper
 from ..quant import BLOCK_SIZE
-from .codebook import code_tables, dequantize_rows, quantize_rows
-from .rounding import round_to
-from .runtime import dot_precision, interpreting, on_device, upcast_dot
+from .common.codebook import code_tables, dequantize_rows, quantize_rows
+from .common.rounding import round_to
+from .common.runtime import dot_precision, interpreting, on_device, upcast_dot
 
 
 @triton.jit
 def _project_adam_kernel(
-    b_ptr, g_ptr, s_ptr, n_ptr,
+    b_ptr, g_ptr, s_ptr, direction_ptr,
     m_ptr, v_ptr, m_absmax_ptr, v_absmax_ptr,
     signed_map_ptr, signed_mids_ptr, unsigned_map_ptr, unsigned_mids_ptr,
     r, d, k, n_blocks,
     stride_br, stride_bd, stride_gd, stride_gk,
     beta1, beta2, eps, scale,
-    QUANTIZED: tl.constexpr, PROJECTED: tl.constexpr, QBLOCK: tl.constexpr,
-    UPCAST: tl.constexpr, SOFT_BF16: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    QUANTIZED: tl.constexpr, GIVEN_S: tl.constexpr, QBLOCK: tl.constexpr,
+    UPCAST: tl.constexpr, SOFTWARE_BF16_ROUNDING: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_r = tl.program_id(0).to(tl.int64)
@@ -46,7 +49,7 @@ def _project_adam_kernel(
 
     mask = row_ok[:, None] & col_ok[None, :]
     offs = rows[:, None] * k + cols[None, :]
-    if PROJECTED:
+    if GIVEN_S:
         acc = tl.load(s_ptr + offs, mask=mask, other=0.0)
     else:
         # Sᵀ = G'ᵀ·Bᵀ, k-major: the k dimension (256 wide in the 8-bit tile) is the MMA's M, which Hopper's
@@ -89,8 +92,9 @@ def _project_adam_kernel(
     v = v * beta2 + acc * acc * (1.0 - beta2)
     # Round-to-nearest sqrt and division (Triton defaults to sqrt.approx and div.full): N then matches
     # the reference to fp32 rounding instead of a few ulps.
-    n = tl.math.div_rn(m, tl.math.sqrt_rn(v) + eps) * scale
-    tl.store(n_ptr + offs, round_to(n, n_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
+    direction = tl.math.div_rn(m, tl.math.sqrt_rn(v) + eps) * scale
+    tl.store(direction_ptr + offs, round_to(direction, direction_ptr.dtype.element_ty, SOFTWARE_BF16_ROUNDING),
+             mask=mask)
 
     if QUANTIZED:
         m_codes, m_absmax = quantize_rows(m, signed_mids_ptr, QBLOCK, BLOCK_R, BLOCK_K)
@@ -104,12 +108,13 @@ def _project_adam_kernel(
         tl.store(v_ptr + offs, v, mask=mask)
 
 
-def config(r: int, k: int, quantized: bool) -> dict[str, int]:
+def tile_sizes(r: int, k: int, quantized: bool) -> dict[str, int]:
     """Tile sizes and warps for an (r × k) moment tensor; an 8-bit tile spans whole 256-column blocks.
 
     The 8-bit epilogue holds codes, both moments and the accumulator at once: a 64 × 256 tile spilled
     864–2604 bytes per thread at 255 registers (ptxas -v, sm_80 and sm_90, fp32 and bf16), while
-    32 × 256 on 8 warps needs 182–228 registers and spills nothing (python -m galore_kernels.aot).
+    32 × 256 on 8 warps needs 182–228 registers and spills nothing
+    (python -m galore_kernels.kernels.compile_report).
     With only 32 rows, the product runs k-major so that sm_90 still issues wgmma.
     """
     if quantized:
@@ -119,14 +124,7 @@ def config(r: int, k: int, quantized: bool) -> dict[str, int]:
 
 
 def project_adam(
-    projector: torch.Tensor,
-    g_oriented: torch.Tensor,
-    state: dict[str, Any],
-    *,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    scale: float,
+    projector: torch.Tensor, g_oriented: torch.Tensor, state: dict[str, Any], hyper: AdamHyper, scale: float
 ) -> torch.Tensor:
     """Update the moments of ``state`` with S = projector · g_oriented and return N (r × k).
 
@@ -138,28 +136,25 @@ def project_adam(
     upcast = upcast_dot(projector.dtype, g_oriented.dtype)
     (r, d), k = projector.shape, g_oriented.shape[1]
     return _launch(
-        (r, d, k), projector, g_oriented, None, state, projector.dtype, (beta1, beta2, eps, scale),
+        (r, d, k), projector, g_oriented, None, state, projector.dtype, hyper, scale,
         upcast=upcast, dot_dtype=torch.float32 if upcast else projector.dtype,
     )
 
 
-def projected_adam(
+def adam_direction(
     s: torch.Tensor,
     state: dict[str, Any],
-    out_dtype: torch.dtype,
+    hyper: AdamHyper,
+    scale: float = 1.0,
     *,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    scale: float,
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Kernel A's epilogue alone: update the moments with a given contiguous fp32 S (r × k), return N."""
+    """The epilogue alone: update the moments with a given contiguous fp32 S (r × k), return N in ``out_dtype``."""
     if s.dtype != torch.float32 or not s.is_contiguous():
         raise ValueError(f"s must be a contiguous fp32 tensor, got {s.dtype} with strides {s.stride()}")
     # No GEMM runs: S stands in for the projector and gradient operands, which are never read.
     (r, k), d = s.shape, 0
-    return _launch((r, d, k), s, s, s, state, out_dtype, (beta1, beta2, eps, scale), upcast=False,
-                   dot_dtype=torch.float32)
+    return _launch((r, d, k), s, s, s, state, out_dtype, hyper, scale, upcast=False, dot_dtype=torch.float32)
 
 
 def _launch(
@@ -169,7 +164,8 @@ def _launch(
     s: torch.Tensor | None,
     state: dict[str, Any],
     out_dtype: torch.dtype,
-    hyper: tuple[float, float, float, float],
+    hyper: AdamHyper,
+    scale: float,
     *,
     upcast: bool,
     dot_dtype: torch.dtype,
@@ -182,8 +178,8 @@ def _launch(
     unsigned_map, unsigned_mids = code_tables(False, projector.device)
     m_absmax = state.get("exp_avg_absmax", out)  # any tensor: unused when not quantized
     v_absmax = state.get("exp_avg_sq_absmax", out)
-    cfg = config(r, k, quantized)
-    grid = (triton.cdiv(r, cfg["BLOCK_R"]), triton.cdiv(k, cfg["BLOCK_K"]))
+    tiles = tile_sizes(r, k, quantized)
+    grid = (triton.cdiv(r, tiles["BLOCK_R"]), triton.cdiv(k, tiles["BLOCK_K"]))
     with on_device(projector):
         _project_adam_kernel[grid](
             projector, g_oriented, out if s is None else s, out,
@@ -191,9 +187,9 @@ def _launch(
             signed_map, signed_mids, unsigned_map, unsigned_mids,
             r, d, k, n_blocks,
             projector.stride(0), projector.stride(1), g_oriented.stride(0), g_oriented.stride(1),
-            *hyper,
-            QUANTIZED=quantized, PROJECTED=s is not None, QBLOCK=BLOCK_SIZE, UPCAST=upcast,
-            SOFT_BF16=interpreting(), DOT_PRECISION=dot_precision(dot_dtype),
-            **cfg,
+            hyper.beta1, hyper.beta2, hyper.eps, scale,
+            QUANTIZED=quantized, GIVEN_S=s is not None, QBLOCK=BLOCK_SIZE, UPCAST=upcast,
+            SOFTWARE_BF16_ROUNDING=interpreting(), DOT_PRECISION=dot_precision(dot_dtype),
+            **tiles,
         )
     return out

@@ -10,38 +10,77 @@ from typing import Any
 import torch
 
 from .. import functional
-from ..reference import AdamHyper, GaLoreConfig
-from ..state import init_state, is_galore
+from ..config import AdamHyper, GaLoreConfig
+from ..state import init_state, is_projected
+from .checks import NONFINITE_MODES, check_group, check_hyper, check_layerwise
 from .grad_norm import GradNorm
-from .layerwise import LayerwiseHooks, Window
-from .param_groups import NONFINITE_MODES, check_group, check_hyper, check_layerwise
+from .layerwise import AccumulationWindow, LayerwiseHooks
 
 __all__ = ["GaLoreAdamW", "GaLoreAdamW8bit"]
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
-# (2^63)² = 2^126 is still a normal fp32, so the second moment of any projected entry stays finite.
-_MAX_GRAD_NORM = 2.0**63
+# A gradient whose norm reaches this is skipped like a NaN one: (2^63)² = 2^126 is still a normal fp32, so
+# below it the second moment of any projected entry stays finite.
+_SKIP_NORM_THRESHOLD = 2.0**63
 
 
-class _GaLoreAdamBase(torch.optim.Optimizer):
-    """Shared machinery; subclasses fix the defaults and whether moments are 8-bit."""
+class GaLoreAdamW(torch.optim.Optimizer):
+    """AdamW whose moments for GaLore parameters live in a rank-r subspace (fp32 moments).
+
+    Param groups take galore-torch's keys: a group with ``rank`` (and optionally ``update_proj_gap``=200,
+    ``scale``=0.25, ``proj_type``="std", plus ``svd``="randomized"|"exact", ``svd_oversample``=8,
+    ``svd_power_iters``=2; defaults in :class:`galore_kernels.config.GaLoreConfig`) projects its ≥2-D
+    parameters; other groups and 1-D parameters get AdamW.
+
+    Example::
+
+        galore = [p for n, p in model.named_parameters() if p.dim() == 2 and ("attn" in n or "mlp" in n)]
+        rest = [p for p in model.parameters() if all(p is not q for q in galore)]
+        optimizer = GaLoreAdamW(
+            [{"params": rest}, {"params": galore, "rank": 128, "update_proj_gap": 200, "scale": 0.25}],
+            lr=1e-3,
+        )
+        loss.backward(); optimizer.step(); optimizer.zero_grad()
+
+    A gradient holding NaN or Inf skips that parameter's step (weights, moments and projector untouched),
+    counts it in ``state[p]["nonfinite_skips"]`` and warns once; ``nonfinite="raise"`` raises instead.
+
+    Layer-wise (``layerwise=True``) each parameter steps inside backward as soon as its gradient is
+    ready, and the gradient is freed at once. ``accumulation_steps=k`` steps on every k-th backward pass,
+    summing projected gradients in a low-rank fp32 buffer between (full gradients only in the window of
+    a parameter's refresh step). ``refresh_schedule="spread"`` staggers parameters' refresh steps over the
+    T-step window. ``max_grad_norm`` clips each step's gradients by min(1, max_grad_norm / ‖g_{t−1}‖),
+    the previous step's global norm (the current one is only known once backward ends).
+    ``last_grad_norm`` holds the global norm of the latest step's gradients in both modes; layer-wise
+    with k > 1, a parameter whose window summed projections contributes the norm of that projected sum.
+    Call ``step()`` once per optimizer step either way; it closes the step. Example::
+
+        optimizer = GaLoreAdamW(groups, lr=1e-3, layerwise=True, accumulation_steps=4)
+        for i, batch in enumerate(loader):
+            model(**batch).loss.backward()  # parameters step inside every 4th backward
+            if (i + 1) % 4 == 0:
+                optimizer.step()
+                scheduler.step()
+    """
+
+    # Moments of at least this many elements are 8-bit; None keeps every moment in fp32.
+    min_8bit_size: int | None = None
 
     def __init__(
         self,
         params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
         *,
-        lr: float,
-        betas: tuple[float, float],
-        eps: float,
-        weight_decay: float,
-        backend: str,
-        nonfinite: str,
-        seed: int,
-        min_8bit_size: int | None,
-        layerwise: bool,
-        accumulation_steps: int,
-        refresh_schedule: str,
-        max_grad_norm: float | None,
+        backend: str = "auto",
+        nonfinite: str = "skip",
+        seed: int = 0,
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
+        refresh_schedule: str = "aligned",
+        max_grad_norm: float | None = None,
     ) -> None:
         check_hyper(lr, betas, eps, weight_decay)
         functional.check_backend(backend)
@@ -53,7 +92,6 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
         self.backend = backend
         self.nonfinite = nonfinite
         self.seed = seed
-        self.min_8bit_size = min_8bit_size
         self.refresh_schedule = refresh_schedule
         self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
         self._grad_norm = GradNorm()
@@ -137,12 +175,12 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
         # "spread": the j-th of n projected parameters refreshes at steps ≡ j·T/n (mod T), so a refresh
         # step recomputes ~n/T projectors instead of all n (and, layer-wise with accumulation, only those
         # hold a full gradient through the window).
-        projected = [id(p) for g in self.param_groups for p in g["params"] if is_galore(p, g)]
+        projected = [id(p) for g in self.param_groups for p in g["params"] if is_projected(p, g)]
         rank_among_projected = {pid: j for j, pid in enumerate(projected)}
         for group, p in missing:
             param_seed = (self.seed * 0x9E3779B1 + position[id(p)]) & 0xFFFFFFFF
             offset = 0
-            if self.refresh_schedule == "spread" and is_galore(p, group):
+            if self.refresh_schedule == "spread" and is_projected(p, group):
                 offset = rank_among_projected[id(p)] * group["update_proj_gap"] // len(projected)
             self.state[p].update(
                 init_state(p, group, param_seed=param_seed, min_8bit_size=self.min_8bit_size, refresh_offset=offset)
@@ -152,51 +190,68 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
         self._init_missing_state([(group, param)])
         return self.state[param]
 
-    def _close_window(self, group: dict[str, Any], param: torch.Tensor, window: Window) -> None:
-        """Step ``param`` from a layer-wise window: check, record and clip its summed gradient, then step."""
-        grad = window.full if window.full is not None else window.projected
-        norm = float(torch.linalg.vector_norm(grad, dtype=torch.float32))
-        admitted = norm < _MAX_GRAD_NORM  # NaN compares False
-        self._grad_norm.add(norm * norm, norm * norm if admitted else 0.0)
+    def _close_window(self, group: dict[str, Any], param: torch.Tensor, window: AccumulationWindow) -> None:
+        """Step ``param`` from a layer-wise window: admit, record and clip its summed gradient, then step."""
+        from_projection = window.full_sum is None
+        grad = window.projected_sum if from_projection else window.full_sum
+        (admitted,) = self._admit([(param, grad)], inside_backward=True)
         if not admitted:
-            if self.nonfinite == "raise":
-                self._grad_norm.discard()
-                raise RuntimeError(_nonfinite_message(param) + _LAYERWISE_RAISE)
-            self._skip_nonfinite(param, self.state[param])
+            self._skip_nonfinite(param)
             return
         self._stepped_in_backward.add(id(param))
-        coef = self._grad_norm.clip_coef(self.max_grad_norm)
-        if coef < 1.0:
-            grad.mul_(coef)
-        hyper = _adam_hyper(group)
-        state = self.state[param]
-        if window.projected is not None:
-            functional.galore_adamw_step_projected(
-                param, grad, state, hyper, _galore_config(group), backend=self.backend
-            )
-        elif is_galore(param, group):
-            functional.galore_adamw_step(param, grad, state, hyper, _galore_config(group), backend=self.backend)
-        else:
-            functional.adamw_steps([param], [grad], [state], hyper, backend=self.backend)
+        self._apply(group, [(param, grad)], from_projection=from_projection)
 
-    def _finite_flags(self, grads: list[torch.Tensor]) -> tuple[list[bool], float, float]:
-        """Whether each gradient can be stepped on, Σ‖g‖² over all and over those: one host sync in all.
+    def _admit(self, gradients: list[tuple[torch.Tensor, torch.Tensor]], *, inside_backward: bool) -> list[bool]:
+        """Which (parameter, gradient) pairs can be stepped on; records their norms. One host sync in all.
 
         A gradient is refused when it holds NaN or Inf, or when its norm reaches 2^63: past that, its
         projection squared can overflow fp32 in Adam's second moment (and the refresh's products), which
-        would poison the state as surely as a NaN. One fp32 norm per gradient decides both.
+        would poison the state as surely as a NaN. One fp32 norm per gradient decides both. With
+        ``nonfinite="raise"`` a refused gradient raises here, before any state or weight changes.
         """
-        if not grads:
-            return [], 0.0, 0.0
-        device = grads[0].device
-        squares = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).to(device) for g in grads]).square()
-        finite = squares < _MAX_GRAD_NORM**2  # NaN compares False
-        sums = torch.stack([squares.sum(), torch.where(finite, squares, 0.0).sum()])
-        *flags, norm_sq, applied_sq = torch.cat([finite, sums]).tolist()
-        return [bool(f) for f in flags], norm_sq, applied_sq
+        if not gradients:
+            return []
+        device = gradients[0][1].device
+        norms = torch.stack(
+            [torch.linalg.vector_norm(g, dtype=torch.float32).to(device) for _, g in gradients]
+        ).tolist()
+        admitted = [norm < _SKIP_NORM_THRESHOLD for norm in norms]  # NaN compares False
+        if self.nonfinite == "raise" and not all(admitted):
+            self._grad_norm.discard()
+            message = _nonfinite_message(gradients[admitted.index(False)][0])
+            raise RuntimeError(message + (_LAYERWISE_RAISE if inside_backward else ""))
+        squares = [norm * norm for norm in norms]
+        self._grad_norm.add(sum(squares), sum(sq for sq, ok in zip(squares, admitted) if ok), len(gradients))
+        return admitted
 
-    def _skip_nonfinite(self, param: torch.Tensor, state: dict[str, Any]) -> None:
-        state["nonfinite_skips"] += 1
+    def _apply(
+        self, group: dict[str, Any], gradients: list[tuple[torch.Tensor, torch.Tensor]], *, from_projection: bool
+    ) -> None:
+        """Step admitted (parameter, gradient) pairs of one group: the one dispatch of both modes.
+
+        Gradients are clipped first (layer-wise ``max_grad_norm``). Plain parameters take one multi-tensor
+        AdamW call; projected ones step one by one, from their full gradient, or, with
+        ``from_projection``, from the projected sum S of a layer-wise window.
+        """
+        coef = self._grad_norm.clip_coef(self.max_grad_norm)  # 1 unless layer-wise clipping is on
+        if coef < 1.0:
+            for _, grad in gradients:
+                grad.mul_(coef)
+        hyper = AdamHyper.from_group(group)
+        plain = [(p, g) for p, g in gradients if not is_projected(p, group)]
+        functional.adamw(
+            [p for p, _ in plain], [g for _, g in plain], [self.state[p] for p, _ in plain], hyper,
+            backend=self.backend,
+        )
+        projected = [(p, g) for p, g in gradients if is_projected(p, group)]
+        if projected:
+            config = GaLoreConfig.from_group(group)
+            step = functional.galore_adamw_step_from_projection if from_projection else functional.galore_adamw_step
+            for param, grad in projected:
+                step(param, grad, self.state[param], hyper, config, backend=self.backend)
+
+    def _skip_nonfinite(self, param: torch.Tensor) -> None:
+        self.state[param]["nonfinite_skips"] += 1
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
             warnings.warn(
@@ -225,33 +280,14 @@ class _GaLoreAdamBase(torch.optim.Optimizer):
             self._hooks.close_all()
         for _, p in work:
             _check_grad(p)
-        finite, norm_sq, applied_sq = self._finite_flags([p.grad for _, p in work])
-        if self.nonfinite == "raise" and not all(finite):  # before any state or weight changes
-            self._grad_norm.discard()
-            raise RuntimeError(_nonfinite_message(work[finite.index(False)][1]))
-        coef = self._grad_norm.clip_coef(self.max_grad_norm)  # 1 unless layer-wise clipping is on
-        self._grad_norm.add(norm_sq, applied_sq, len(work))
+        admitted = self._admit([(p, p.grad) for _, p in work], inside_backward=False)
         self._init_missing_state(work)
-        steps: dict[int, list[torch.Tensor]] = {}
-        for (group, p), grad_is_finite in zip(work, finite):
-            if grad_is_finite:
-                steps.setdefault(id(group), []).append(p)
-                if coef < 1.0:
-                    p.grad.mul_(coef)
-            else:
-                self._skip_nonfinite(p, self.state[p])
+        for (_, p), ok in zip(work, admitted):
+            if not ok:
+                self._skip_nonfinite(p)
         for group in self.param_groups:
-            params = steps.get(id(group), [])
-            hyper = _adam_hyper(group)
-            plain = [p for p in params if not is_galore(p, group)]
-            functional.adamw_steps(
-                plain, [p.grad for p in plain], [self.state[p] for p in plain], hyper, backend=self.backend
-            )
-            for p in params:
-                if is_galore(p, group):
-                    functional.galore_adamw_step(
-                        p, p.grad, self.state[p], hyper, _galore_config(group), backend=self.backend
-                    )
+            gradients = [(p, p.grad) for (g, p), ok in zip(work, admitted) if ok and g is group]
+            self._apply(group, gradients, from_projection=False)
         self._grad_norm.finish()
         self._stepped_in_backward.clear()
         return loss
@@ -369,99 +405,13 @@ def _nonfinite_message(param: torch.Tensor) -> str:
     )
 
 
-def _adam_hyper(group: dict[str, Any]) -> AdamHyper:
-    beta1, beta2 = group["betas"]
-    # float(): 0-dim tensors are accepted for these (as torch.optim does); kernels take numbers.
-    return AdamHyper(float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]))
-
-
-def _galore_config(group: dict[str, Any]) -> GaLoreConfig:
-    return GaLoreConfig(
-        rank=group["rank"],
-        update_proj_gap=group["update_proj_gap"],
-        scale=float(group["scale"]),
-        proj_type=group["proj_type"],
-        svd=group["svd"],
-        oversample=group["svd_oversample"],
-        power_iters=group["svd_power_iters"],
-    )
-
-
-class GaLoreAdamW(_GaLoreAdamBase):
-    """AdamW whose moments for GaLore parameters live in a rank-r subspace (fp32 moments).
-
-    Param groups take galore-torch's keys: a group with ``rank`` (and optionally ``update_proj_gap``=200,
-    ``scale``=0.25, ``proj_type``="std", plus ``svd``="randomized"|"exact", ``svd_oversample``=8,
-    ``svd_power_iters``=2) projects its ≥2-D parameters; other groups and 1-D parameters get AdamW.
-
-    Example::
-
-        galore = [p for n, p in model.named_parameters() if p.dim() == 2 and ("attn" in n or "mlp" in n)]
-        rest = [p for p in model.parameters() if all(p is not q for q in galore)]
-        optimizer = GaLoreAdamW(
-            [{"params": rest}, {"params": galore, "rank": 128, "update_proj_gap": 200, "scale": 0.25}],
-            lr=1e-3,
-        )
-        loss.backward(); optimizer.step(); optimizer.zero_grad()
-
-    A gradient holding NaN or Inf skips that parameter's step (weights, moments and projector untouched),
-    counts it in ``state[p]["nonfinite_skips"]`` and warns once; ``nonfinite="raise"`` raises instead.
-
-    Layer-wise (``layerwise=True``) each parameter steps inside backward as soon as its gradient is
-    ready, and the gradient is freed at once. ``accumulation_steps=k`` steps on every k-th backward pass,
-    summing projected gradients in a low-rank fp32 buffer between (full gradients only in the window of
-    a parameter's refresh step). ``refresh_schedule="spread"`` staggers parameters' refresh steps over the
-    T-step window. ``max_grad_norm`` clips each step's gradients by min(1, max_grad_norm / ‖g_{t−1}‖),
-    the previous step's global norm (the current one is only known once backward ends).
-    ``last_grad_norm`` holds the global norm of the latest step's gradients in both modes; layer-wise
-    with k > 1, a parameter whose window summed projections contributes the norm of that projected sum.
-    Call ``step()`` once per optimizer step either way; it closes the step. Example::
-
-        optimizer = GaLoreAdamW(groups, lr=1e-3, layerwise=True, accumulation_steps=4)
-        for i, batch in enumerate(loader):
-            model(**batch).loss.backward()  # parameters step inside every 4th backward
-            if (i + 1) % 4 == 0:
-                optimizer.step()
-                scheduler.step()
-    """
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
-        *,
-        backend: str = "auto",
-        nonfinite: str = "skip",
-        seed: int = 0,
-        layerwise: bool = False,
-        accumulation_steps: int = 1,
-        refresh_schedule: str = "aligned",
-        max_grad_norm: float | None = None,
-    ) -> None:
-        super().__init__(
-            params,
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            backend=backend,
-            nonfinite=nonfinite,
-            seed=seed,
-            min_8bit_size=None,
-            layerwise=layerwise,
-            accumulation_steps=accumulation_steps,
-            refresh_schedule=refresh_schedule,
-            max_grad_norm=max_grad_norm,
-        )
-
-
-class GaLoreAdamW8bit(_GaLoreAdamBase):
+class GaLoreAdamW8bit(GaLoreAdamW):
     """GaLoreAdamW with blockwise 8-bit moments (bitsandbytes' dynamic format, 256-element blocks).
 
-    Moments with fewer than ``min_8bit_size`` elements stay fp32. Param groups as :class:`GaLoreAdamW`.
+    Moments with fewer than ``min_8bit_size`` elements stay fp32. Param groups and the keyword-only
+    ``options`` (backend, nonfinite, seed, layerwise, accumulation_steps, refresh_schedule,
+    max_grad_norm) are :class:`GaLoreAdamW`'s; the defaults of ``eps`` and ``weight_decay`` are
+    bitsandbytes' AdamW8bit's.
 
     Example::
 
@@ -479,29 +429,10 @@ class GaLoreAdamW8bit(_GaLoreAdamBase):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         *,
-        backend: str = "auto",
-        nonfinite: str = "skip",
-        seed: int = 0,
         min_8bit_size: int = 4096,
-        layerwise: bool = False,
-        accumulation_steps: int = 1,
-        refresh_schedule: str = "aligned",
-        max_grad_norm: float | None = None,
+        **options: Any,
     ) -> None:
         if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
             raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
-        super().__init__(
-            params,
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            backend=backend,
-            nonfinite=nonfinite,
-            seed=seed,
-            min_8bit_size=min_8bit_size,
-            layerwise=layerwise,
-            accumulation_steps=accumulation_steps,
-            refresh_schedule=refresh_schedule,
-            max_grad_norm=max_grad_norm,
-        )
+        self.min_8bit_size = min_8bit_size
+        super().__init__(params, lr, betas, eps, weight_decay, **options)

@@ -25,27 +25,27 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from .. import functional
 from .. import projector as proj
-from ..state import is_galore, matrix_shape
+from ..state import is_projected, matrix_shape
 
-__all__ = ["Window", "LayerwiseHooks"]
+__all__ = ["AccumulationWindow", "LayerwiseHooks"]
 
 # Parameters hooked by some layer-wise optimizer: a second one would find .grad already taken.
 _HOOKED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
 
 
 @dataclass
-class Window:
+class AccumulationWindow:
     """One parameter's gradients since its last step: how many, and their sum (full or projected)."""
 
     count: int = 0
-    full: torch.Tensor | None = None
-    projected: torch.Tensor | None = None
+    full_sum: torch.Tensor | None = None
+    projected_sum: torch.Tensor | None = None
 
     def add_full(self, grad: torch.Tensor) -> None:
-        self.full = grad if self.full is None else self.full.add_(grad)
+        self.full_sum = grad if self.full_sum is None else self.full_sum.add_(grad)
 
     def add_projected(self, s: torch.Tensor) -> None:
-        self.projected = s if self.projected is None else self.projected.add_(s)
+        self.projected_sum = s if self.projected_sum is None else self.projected_sum.add_(s)
 
 
 class LayerwiseHooks:
@@ -63,7 +63,7 @@ class LayerwiseHooks:
         accumulation_steps: int,
         backend: str,
         prepare: Callable[[dict[str, Any], torch.Tensor], dict[str, Any]],
-        close: Callable[[dict[str, Any], torch.Tensor, Window], None],
+        close: Callable[[dict[str, Any], torch.Tensor, AccumulationWindow], None],
         check_grad: Callable[[torch.Tensor], None],
     ) -> None:
         self.accumulation_steps = accumulation_steps
@@ -73,7 +73,7 @@ class LayerwiseHooks:
         self._check_grad = check_grad
         self._handles: dict[torch.Tensor, Any] = {}
         self._group_of: dict[torch.Tensor, dict[str, Any]] = {}
-        self.windows: dict[torch.Tensor, Window] = {}
+        self.windows: dict[torch.Tensor, AccumulationWindow] = {}
 
     def attach(self, group: dict[str, Any]) -> None:
         """Hook every parameter of ``group`` that requires grad (others step in ``optimizer.step()``)."""
@@ -128,11 +128,11 @@ class LayerwiseHooks:
 
     def held_bytes(self) -> tuple[int, int]:
         """Bytes of (full, projected) gradient sums held in open windows right now."""
-        full = sum(w.full.numel() * w.full.element_size() for w in self.windows.values() if w.full is not None)
-        low = sum(
-            w.projected.numel() * w.projected.element_size() for w in self.windows.values() if w.projected is not None
-        )
-        return full, low
+        def held(tensors: list[torch.Tensor | None]) -> int:
+            return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+        windows = self.windows.values()
+        return held([w.full_sum for w in windows]), held([w.projected_sum for w in windows])
 
     @torch.no_grad()
     def _on_grad(self, param: torch.Tensor) -> None:
@@ -143,7 +143,7 @@ class LayerwiseHooks:
         self._check_grad(param)
         grad, param.grad = param.grad, None
         state = prepare(group, param)
-        window = self.windows.setdefault(param, Window())
+        window = self.windows.setdefault(param, AccumulationWindow())
         window.count += 1
         if self._keeps_full_gradient(group, param, state):
             window.add_full(grad)
@@ -156,6 +156,6 @@ class LayerwiseHooks:
             close(group, param, self.windows.pop(param))
 
     def _keeps_full_gradient(self, group: dict[str, Any], param: torch.Tensor, state: dict[str, Any]) -> bool:
-        if self.accumulation_steps == 1 or not is_galore(param, group):
+        if self.accumulation_steps == 1 or not is_projected(param, group):
             return True  # nothing to sum (k = 1) or nothing to project into
         return proj.is_refresh_step(state["step"], group["update_proj_gap"], state["refresh_offset"])

@@ -1,98 +1,98 @@
-"""Argument checks and GaLore defaults for optimizer arguments and param groups (DESIGN §8).
+"""GaLore param groups selected by module name, as ``Trainer`` selects ``optim_target_modules``.
 
-Every check raises ``ValueError`` naming the argument, the value given and what is allowed, before any
-state exists, so bad input never reaches weights or optimizer state.
+Needs no framework: it works on any ``nn.Module``; :mod:`galore_kernels.integrations.transformers`
+re-exports it for ``Trainer`` users.
 """
 
 from __future__ import annotations
 
-import math
-from numbers import Integral, Real
+import re
+from collections.abc import Sequence
 from typing import Any
 
-import torch
+from torch import nn
 
-from ..projector import PROJ_TYPES, SVD_METHODS
+from ..config import GaLoreConfig
 
-__all__ = ["GALORE_DEFAULTS", "NONFINITE_MODES", "REFRESH_SCHEDULES", "check_hyper", "check_group", "check_layerwise"]
-
-# galore-torch's keys and defaults, plus the refresh method and its two knobs.
-GALORE_DEFAULTS: dict[str, Any] = {
-    "update_proj_gap": 200,
-    "scale": 0.25,
-    "proj_type": "std",
-    "svd": "randomized",
-    "svd_oversample": 8,
-    "svd_power_iters": 2,
-}
-NONFINITE_MODES = ("skip", "raise")
-REFRESH_SCHEDULES = ("aligned", "spread")
+__all__ = ["galore_param_groups"]
 
 
-def _real(name: str, value: Any) -> float:
-    # 0-dim tensors are accepted where torch.optim accepts them (a tensor lr, for instance).
-    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_complex():
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be a finite real number, got {value!r}")
-    return float(value)
+def galore_param_groups(
+    model: nn.Module,
+    target_modules: str | Sequence[str],
+    *,
+    rank: int = GaLoreConfig.rank,
+    update_proj_gap: int = GaLoreConfig.update_proj_gap,
+    scale: float = GaLoreConfig.scale,
+    proj_type: str = GaLoreConfig.proj_type,
+    weight_decay: float = 0.0,
+) -> list[dict[str, Any]]:
+    """Param groups that project the weights of the ``nn.Linear`` modules ``target_modules`` selects.
 
+    Modules are selected as ``Trainer`` selects them for its ``optim_target_modules``: ``"all-linear"``
+    (or ``"all_linear"``) takes every ``nn.Linear`` — the output head ``lm_head`` included, as in
+    ``Trainer`` (PEFT's ``"all-linear"`` leaves it out); another string is a regex that must match a
+    module's whole name; a list selects a module whose name contains an entry or fully matches one as a
+    regex. Only the ``weight`` of a selected ``nn.Linear`` is projected; embeddings, norms and biases
+    never are. A weight is found by its name, so one tied to an embedding (listed under the
+    embedding's name) stays AdamW, again as in ``Trainer``.
 
-def _int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    Returns ``[plain, projected]``: every other trainable parameter in one AdamW group, the selected
+    weights in a group with ``rank``, ``update_proj_gap``, ``scale`` and ``proj_type``; both groups get
+    ``weight_decay``. Frozen parameters (``requires_grad=False``) are in neither group.
 
+    Raises ``ValueError`` when ``target_modules`` is neither a string nor a list of strings, holds an
+    invalid regex, or selects no trainable ``nn.Linear`` weight.
 
-def check_hyper(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:
-    """Check the AdamW hyper-parameters shared by every group."""
-    if _real("lr", lr) < 0.0:
-        raise ValueError(f"lr must be >= 0, got {lr!r}")
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), each in [0, 1), got {betas!r}")
-    for i, beta in enumerate(betas):
-        if not 0.0 <= _real(f"betas[{i}]", beta) < 1.0:
-            raise ValueError(f"betas[{i}] must be in [0, 1), got {beta!r}")
-    if _real("eps", eps) < 0.0:
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
-    if _real("weight_decay", weight_decay) < 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    Example::
 
-
-def check_group(group: dict[str, Any]) -> None:
-    """Fill GaLore defaults into a group that has ``rank`` and check every value; plain groups are AdamW."""
-    check_hyper(group["lr"], group["betas"], group["eps"], group["weight_decay"])
-    if "rank" not in group:
-        return
-    for key, default in GALORE_DEFAULTS.items():
-        group.setdefault(key, default)
-    _int("rank", group["rank"], 1)
-    group["rank"] = int(group["rank"])  # numpy ints become plain ints, which checkpoints keep as they are
-    _int("update_proj_gap", group["update_proj_gap"], 1)
-    if _real("scale", group["scale"]) <= 0.0:
-        raise ValueError(f"scale must be > 0, got {group['scale']!r}")
-    if group["proj_type"] not in PROJ_TYPES:
-        raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {group['proj_type']!r}")
-    if group["svd"] not in SVD_METHODS:
-        raise ValueError(f"svd must be one of {SVD_METHODS}, got {group['svd']!r}")
-    _int("svd_oversample", group["svd_oversample"], 0)
-    _int("svd_power_iters", group["svd_power_iters"], 0)
-
-
-def check_layerwise(layerwise: Any, accumulation_steps: Any, refresh_schedule: Any, max_grad_norm: Any) -> None:
-    """Check the layer-wise options; accumulation and clipping are layer-wise features."""
-    if not isinstance(layerwise, bool):
-        raise ValueError(f"layerwise must be True or False, got {layerwise!r}")
-    _int("accumulation_steps", accumulation_steps, 1)
-    if refresh_schedule not in REFRESH_SCHEDULES:
-        raise ValueError(f"refresh_schedule must be one of {REFRESH_SCHEDULES}, got {refresh_schedule!r}")
-    if max_grad_norm is not None and _real("max_grad_norm", max_grad_norm) <= 0.0:
-        raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
-    if not layerwise and accumulation_steps != 1:
+        groups = galore_param_groups(model, [r".*\\.(q|v)_proj", "mlp"], rank=64)
+        optimizer = GaLoreAdamW(groups, lr=1e-2)
+    """
+    all_linear = isinstance(target_modules, str) and target_modules.replace("_", "-") == "all-linear"
+    if not all_linear:
+        _check_target_modules(target_modules)
+    linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    selected = [name for name in linear if all_linear or _selects(target_modules, name)]
+    if not selected:
         raise ValueError(
-            f"accumulation_steps={accumulation_steps} needs layerwise=True; without it gradients accumulate in "
-            ".grad: call step() every k backward passes"
+            f"target_modules {target_modules!r} matches no nn.Linear module; this model's nn.Linear modules "
+            f"include {linear[:6]}"
         )
-    if not layerwise and max_grad_norm is not None:
+    weight_names = {f"{name}.weight" if name else "weight" for name in selected}
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    projected = [p for name, p in trainable if name in weight_names]
+    if not projected:
+        raise ValueError(f"target_modules {target_modules!r} matches only frozen nn.Linear weights: {selected[:6]}")
+    return [
+        {"params": [p for name, p in trainable if name not in weight_names], "weight_decay": weight_decay},
+        {
+            "params": projected,
+            "rank": rank,
+            "update_proj_gap": update_proj_gap,
+            "scale": scale,
+            "proj_type": proj_type,
+            "weight_decay": weight_decay,
+        },
+    ]
+
+
+def _check_target_modules(target_modules: Any) -> None:
+    patterns = [target_modules] if isinstance(target_modules, str) else target_modules
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
         raise ValueError(
-            "max_grad_norm needs layerwise=True; without it clip with torch.nn.utils.clip_grad_norm_ before step()"
+            f"target_modules must be 'all-linear', a regex string or a list of substrings/regexes, "
+            f"got {target_modules!r}"
         )
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"target_modules entry {pattern!r} is not a valid regex: {error}") from None
+
+
+def _selects(target_modules: str | Sequence[str], name: str) -> bool:
+    """transformers' ``check_target_module_exists``, the matcher behind ``optim_target_modules``."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(pattern in name or re.fullmatch(pattern, name) for pattern in target_modules)

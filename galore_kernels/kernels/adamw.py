@@ -1,4 +1,6 @@
-"""Kernel E: the AdamW step of non-GaLore parameters (fp32 or 8-bit moments), many tensors per launch.
+"""The AdamW step of parameters without projection (fp32 or 8-bit moments), many tensors per launch.
+
+Reference: :func:`galore_kernels.reference.adamw`.
 
 A group's biases, norms and embeddings are many small tensors; launching per tensor costs more than the
 work. One launch covers them all: the host passes tables of their addresses, sizes and step sizes, and a
@@ -15,10 +17,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ..config import AdamHyper
 from ..quant import BLOCK_SIZE
-from .codebook import code_tables, dequantize_rows, quantize_rows
-from .rounding import round_to
-from .runtime import interpreting, on_device
+from .common.codebook import code_tables, dequantize_rows, quantize_rows
+from .common.rounding import round_to
+from .common.runtime import interpreting, on_device
 
 FP32_BLOCK = 1024
 
@@ -30,7 +33,7 @@ def _adamw_kernel(
     w_like, g_like, m_like,
     signed_map_ptr, signed_mids_ptr, unsigned_map_ptr, unsigned_mids_ptr,
     beta1, beta2, eps, decay,
-    QUANTIZED: tl.constexpr, SOFT_BF16: tl.constexpr, BLOCK: tl.constexpr,
+    QUANTIZED: tl.constexpr, SOFTWARE_BF16_ROUNDING: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     tensor = tl.load(block_tensor + pid).to(tl.int64)
@@ -66,7 +69,7 @@ def _adamw_kernel(
     v = v * beta2 + g * g * (1.0 - beta2)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     w = w * decay - step_size * tl.math.div_rn(m, tl.math.sqrt_rn(v) + eps)  # IEEE, as the reference
-    tl.store(w_ptr + offs, round_to(w, w_like.dtype.element_ty, SOFT_BF16), mask=mask)
+    tl.store(w_ptr + offs, round_to(w, w_like.dtype.element_ty, SOFTWARE_BF16_ROUNDING), mask=mask)
 
     if QUANTIZED:
         m_codes, m_absmax = quantize_rows(tl.reshape(m, (1, BLOCK)), signed_mids_ptr, BLOCK, 1, BLOCK)
@@ -90,23 +93,15 @@ def _block_map(numels: tuple[int, ...], block: int, device: torch.device) -> tup
     return block_tensor.to(device), block_index.to(device)
 
 
-def adamw_multi_tensor(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    states: list[dict[str, Any]],
-    step_sizes: list[float],
-    *,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    decay: float,
+def adamw(
+    params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, Any]], hyper: AdamHyper
 ) -> None:
     """One AdamW step for tensors sharing device, dtypes and moment format, in a single launch.
 
     Parameters must be contiguous; gradients are made contiguous if they are not. Moments are updated
-    in place in the states' own layout (param-shaped fp32, or (1, numel) codes with (1, blocks) absmax).
-    Per step the host sends one table of addresses and sizes and one of step sizes; nothing waits on
-    the GPU.
+    in place in the states' own layout (param-shaped fp32, or (1, numel) codes with (1, blocks) absmax),
+    and each state's ``step`` advances. Per step the host sends one table of addresses and sizes and one
+    of step sizes; nothing waits on the GPU.
     """
     if not params:
         return
@@ -125,6 +120,9 @@ def adamw_multi_tensor(
     host_table = torch.tensor([[t.data_ptr() for t in column] for column in columns] + [list(numels)], dtype=torch.int64)
     table = host_table.to(device)
     block_tensor, block_index = _block_map(numels, block, device)
+    step_sizes = [hyper.step_size(s["step"]) for s in states]
+    for s in states:
+        s["step"] += 1
     if block_tensor.numel() == 0:
         return
     signed_map, signed_mids = code_tables(True, device)
@@ -136,6 +134,6 @@ def adamw_multi_tensor(
             block_tensor, block_index,
             params[0], grads[0], m_states[0],
             signed_map, signed_mids, unsigned_map, unsigned_mids,
-            beta1, beta2, eps, decay,
-            QUANTIZED=quantized, SOFT_BF16=interpreting(), BLOCK=block,
+            hyper.beta1, hyper.beta2, hyper.eps, hyper.decay,
+            QUANTIZED=quantized, SOFTWARE_BF16_ROUNDING=interpreting(), BLOCK=block,
         )

@@ -1,4 +1,6 @@
-"""Kernel D: the randomized refresh's sketch Y = G'·Ω, with Ω generated in registers, never stored.
+"""The randomized refresh's sketch Y = G'·Ω, with Ω generated in registers, never stored.
+
+Reference: :func:`galore_kernels.projector.gaussian_sketch`.
 
 Ω[i, j] = tl.randn(seed, i·width + j), the numbers :func:`galore_kernels.rng.randn` gives the reference,
 so both backends sketch with the same Ω. Each program owns a (BLOCK_M × BLOCK_N) tile of Y and draws the
@@ -12,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .runtime import dot_precision, on_device
+from .common.runtime import dot_precision, on_device
 
 
 # The seed changes with every refresh: keep it a plain runtime argument, never specialized.
@@ -44,7 +46,7 @@ def _sketch_kernel(
     tl.store(y_ptr + rows[:, None] * width + cols[None, :], acc, mask=(rows[:, None] < d) & (cols[None, :] < width))
 
 
-def config(d: int, width: int) -> dict[str, int]:
+def tile_sizes(d: int, width: int) -> dict[str, int]:
     """64-row tiles; columns up to 64 wide (a refresh sketch is r + p ≤ ~1032 wide)."""
     return {"BLOCK_M": 64, "BLOCK_N": 64 if width > 32 else 32, "BLOCK_K": 32, "num_warps": 4}
 
@@ -57,10 +59,10 @@ def gaussian_sketch(g: torch.Tensor, seed: int, width: int) -> torch.Tensor:
     y = torch.empty((d, width), dtype=torch.float32, device=g.device)
     if y.numel() == 0:
         return y
-    cfg = config(d, width)
-    grid = (triton.cdiv(d, cfg["BLOCK_M"]), triton.cdiv(width, cfg["BLOCK_N"]))
+    tiles = tile_sizes(d, width)
+    grid = (triton.cdiv(d, tiles["BLOCK_M"]), triton.cdiv(width, tiles["BLOCK_N"]))
     with on_device(g):
         _sketch_kernel[grid](
-            g, y, d, k, width, seed, g.stride(0), g.stride(1), DOT_PRECISION=dot_precision(torch.float32), **cfg
+            g, y, d, k, width, seed, g.stride(0), g.stride(1), DOT_PRECISION=dot_precision(torch.float32), **tiles
         )
     return y

@@ -1,4 +1,11 @@
-"""Kernel C: blockwise 8-bit quantize / dequantize of (rows, k) tensors in the row-block format.
+"""Blockwise 8-bit quantize / dequantize of (rows, k) tensors in the row-block format.
+
+Reference: :func:`galore_kernels.quant.quantize_blockwise` and :func:`~galore_kernels.quant.dequantize_blockwise`.
+
+No optimizer path calls these: the fused kernels (project_adam, adamw) quantize in their epilogues with
+the device codebook of ``common/codebook.py``. They ship because they are that codebook alone: its test
+(tests/test_kernels_quantize_blockwise.py) pins the codes to the reference and to bitsandbytes with no
+GEMM or Adam arithmetic in front, so a code mismatch in a fused kernel is traced to one side or the other.
 
 One program handles ROWS rows × one 256-element block; the last block of a row may be short (masked
 elements load as zero, which leaves the absmax unchanged).
@@ -11,8 +18,8 @@ import triton
 import triton.language as tl
 
 from ..quant import BLOCK_SIZE
-from .runtime import on_device
-from .codebook import code_tables, dequantize_rows, quantize_rows
+from .common.codebook import code_tables, dequantize_rows, quantize_rows
+from .common.runtime import on_device
 
 ROWS_PER_PROGRAM = 4
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..quant import code_midpoints, dynamic_map
+from ...quant import code_midpoints, dynamic_map
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,9 +12,9 @@ import triton.language as tl
 
 
 @triton.jit
-def round_to(x, dtype: tl.constexpr, SOFT_BF16: tl.constexpr):
+def round_to(x, dtype: tl.constexpr, SOFTWARE_BF16_ROUNDING: tl.constexpr):
     """x (fp32) converted to ``dtype`` with round-to-nearest-even."""
-    if SOFT_BF16 and dtype == tl.bfloat16:
+    if SOFTWARE_BF16_ROUNDING and dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = bits + 0x7FFF + ((bits >> 16) & 1)
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)

@@ -31,9 +31,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .optim import GaLoreAdamW8bit
-from .optim.param_groups import GALORE_DEFAULTS
-from .state import init_state
+from ..config import GROUP_DEFAULTS
+from ..optim import GaLoreAdamW8bit
+from ..optim.param_groups import galore_param_groups
+from ..state import init_state
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -227,7 +228,7 @@ def plan_memory(
     """Bytes per mode of training ``model`` (a transformers causal LM, on the meta device or real).
 
     Weights are the trainable parameters in their dtype. GaLore projects the ``nn.Linear`` weights that
-    ``target_modules`` selects (:func:`~galore_kernels.integrations.transformers.galore_param_groups`;
+    ``target_modules`` selects (:func:`~galore_kernels.optim.param_groups.galore_param_groups`;
     embeddings and ``lm_head`` stay AdamW, as in the paper) at ``rank`` with ``proj_type="std"``.
     Gradients are every trainable parameter's, in its dtype, except layer-wise, where one is alive at a
     time: the largest. Optimizer state is the bytes of the state tensors each optimizer allocates; it
@@ -241,8 +242,6 @@ def plan_memory(
         plan = plan_memory(model, rank=128)
         plan.mode("GaLore").optimizer_state  # bytes
     """
-    from .integrations.transformers import galore_param_groups
-
     for name, value in (("rank", rank), ("tokens", tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise MemoryPlanError(f"{name} must be an int >= 1, got {value!r}")
@@ -251,7 +250,7 @@ def plan_memory(
     except ValueError as error:
         raise MemoryPlanError(str(error)) from None
     galore_groups = [(plain, p) for p in plain["params"]] + [
-        ({**GALORE_DEFAULTS, **projected}, p) for p in projected["params"]
+        ({**GROUP_DEFAULTS, **projected}, p) for p in projected["params"]
     ]
     plain_groups = [({}, p) for _, p in galore_groups]
     params = [p for _, p in galore_groups]
