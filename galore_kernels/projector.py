@@ -11,6 +11,7 @@ from collections.abc import Callable
 import torch
 
 from . import rng
+from .config import GaLoreConfig
 
 __all__ = [
     "PROJ_TYPES",
@@ -125,10 +126,10 @@ def compute_projector(
     rank: int,
     side: str,
     *,
-    method: str = "randomized",
+    method: str = GaLoreConfig.svd,
     seed: int = 0,
-    oversample: int = 8,
-    power_iters: int = 2,
+    oversample: int = GaLoreConfig.svd_oversample,
+    power_iters: int = GaLoreConfig.svd_power_iters,
     sketch: Sketch = gaussian_sketch,
 ) -> torch.Tensor:
     """The canonical projector B (r × d, fp32, orthonormal rows) of a 2-D gradient, r = min(rank, m, n).
@@ -164,10 +165,10 @@ def compute_full_projectors(
     grad_2d: torch.Tensor,
     rank: int,
     *,
-    method: str = "randomized",
+    method: str = GaLoreConfig.svd,
     seed: int = 0,
-    oversample: int = 8,
-    power_iters: int = 2,
+    oversample: int = GaLoreConfig.svd_oversample,
+    power_iters: int = GaLoreConfig.svd_power_iters,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Both projectors of ``proj_type="full"``: (B_left (r × m), B_right (r × n)), S = B_left·G·B_rightᵀ.
 

@@ -29,6 +29,7 @@ through ``Trainer`` as usual; it reloads optimizer state with ``torch.load(..., 
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -44,6 +45,7 @@ except ImportError as error:  # the package itself needs no transformers; only t
         "pip install transformers accelerate"
     ) from error
 
+from ..config import GaLoreConfig
 from ..optim import GaLoreAdamW, GaLoreAdamW8bit
 from ..optim.param_groups import galore_param_groups
 
@@ -53,15 +55,7 @@ OPTIMIZER_NAMES = ("galore_adamw", "galore_adamw_8bit", "galore_adamw_layerwise"
 
 # optim_args keys and the type a string value is converted to: galore-torch's four and our refresh knobs
 # go into the projected param group; the rest are constructor arguments.
-_GROUP_KEYS: dict[str, type] = {
-    "rank": int,
-    "update_proj_gap": int,
-    "scale": float,
-    "proj_type": str,
-    "svd": str,
-    "svd_oversample": int,
-    "svd_power_iters": int,
-}
+_GROUP_KEYS: dict[str, type] = {f.name: type(f.default) for f in dataclasses.fields(GaLoreConfig)}
 _OPTIMIZER_KEYS: dict[str, type] = {"refresh_schedule": str, "seed": int}
 # Clipping by the previous step's norm exists only in layer-wise mode; otherwise Trainer clips .grad itself.
 _LAYERWISE_KEYS: dict[str, type] = {"max_grad_norm": float}

@@ -1,22 +1,32 @@
 """Ahead-of-time compile report: every kernel in the configurations its launcher picks for Llama shapes.
 
-``python -m galore_kernels.aot [--arch sm_80|sm_90 ...]`` compiles, without a GPU, each kernel for the
-Llama-1B and -7B weight shapes at ranks 128–1024 with fp32 and bf16 weights (fp32 and 8-bit moments),
-and prints registers, spills, shared memory and whether the GEMMs use tensor-core instructions (wgmma on
-sm_90, mma on sm_80). The exit status is non-zero when a configuration fails to compile, spills, or needs
-more shared memory than the architecture has. Must run with TRITON_INTERPRET unset.
+``python -m galore_kernels.kernels.compile_report [--arch sm_80|sm_90 ...]`` compiles, without a GPU, each
+kernel for the Llama-1B and -7B weight shapes at ranks 128–1024 with fp32 and bf16 weights (fp32 and
+8-bit moments), and prints registers, spills, shared memory and whether the GEMMs use tensor-core
+instructions (wgmma on sm_90, mma on sm_80). The exit status is non-zero when a configuration fails to
+compile, spills, or needs more shared memory than the architecture has. Must run with TRITON_INTERPRET
+unset.
+
+The configurations are not written down here: the real launchers run on meta tensors (shapes, no
+storage) with each module's ``@triton.jit`` kernel replaced by a recorder, so the report compiles
+exactly the arguments, constexprs and warps a launch on those shapes would use.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import contextlib
+import dataclasses
 import os
 import re
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -28,156 +38,170 @@ LLAMA_SHAPES = {
 }
 RANKS = (128, 256, 512, 1024)
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+# Launchers whose kernel multiplies matrices: their rows must show tensor-core instructions.
+GEMM_LAUNCHERS = ("project_adam", "backproject_update", "gaussian_sketch")
 _TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.uint8: "u8",
                  torch.int64: "i64", torch.int32: "i32"}
 
 
 @dataclass(frozen=True)
 class Launch:
-    """One kernel configuration: runtime args as dtypes (pointers) / ints / floats, constexprs, warps."""
+    """One recorded kernel launch: its launcher, the kernel, runtime arguments (tensors as their dtype),
+    constexprs and launch options (``num_warps``)."""
 
-    kernel: str
-    args: tuple[tuple[str, object], ...]
-    constexprs: tuple[tuple[str, object], ...]
-    num_warps: int
-    num_stages: int = 3
+    launcher: str
+    kernel: Any  # triton.runtime.jit.JITFunction
+    args: tuple[tuple[str, Any], ...]
+    constexprs: tuple[tuple[str, Any], ...]
+    options: tuple[tuple[str, Any], ...]
 
     def label(self) -> str:
         pointers = ",".join(_TRITON_TYPES[v] for _, v in self.args if isinstance(v, torch.dtype))
         consts = ",".join(f"{k}={v}" for k, v in self.constexprs)
         return f"{consts} warps={self.num_warps} [{pointers}]"
 
+    @property
+    def num_warps(self) -> int:
+        """The warps the launch asks for, else the CUDA backend's default (what the JIT would use)."""
+        from triton.backends.nvidia.compiler import CUDAOptions
 
-def _kernels():
-    from .kernels import adamw_elementwise, backproject_update, project_adam, quant_blockwise, sketch
+        default = next(f.default for f in dataclasses.fields(CUDAOptions) if f.name == "num_warps")
+        return dict(self.options).get("num_warps", default)
+
+
+def _own_kernels(module: ModuleType) -> dict[str, Any]:
+    """The ``@triton.jit`` kernels a module defines (not the helpers it imports)."""
+    from triton.runtime.jit import JITFunction
 
     return {
-        "A project_adam": (project_adam._project_adam_kernel, project_adam.config),
-        "B backproject_update": (backproject_update._backproject_update_kernel, backproject_update.config),
-        "C quantize": (quant_blockwise._quantize_kernel, None),
-        "C dequantize": (quant_blockwise._dequantize_kernel, None),
-        "D sketch": (sketch._sketch_kernel, sketch.config),
-        "E adamw": (adamw_elementwise._adamw_kernel, None),
+        name: value for name, value in vars(module).items()
+        if isinstance(value, JITFunction) and value.fn.__module__ == module.__name__
     }
 
 
-def launches() -> list[Launch]:
-    """The distinct configurations the launchers pick over the Llama shapes, ranks and dtypes."""
-    from .kernels import adamw_elementwise
-    from .kernels.quant_blockwise import ROWS_PER_PROGRAM
-    from .kernels.runtime import dot_precision
-    from .projector import resolve_side
-    from .quant import BLOCK_SIZE
+@contextlib.contextmanager
+def _recording(modules: list[ModuleType], calls: list[tuple[Any, tuple, dict]]) -> Iterator[None]:
+    """Replace the modules' kernels by recorders of ``kernel[grid](*args, **kwargs)`` calls."""
 
-    kernels = _kernels()
-    f32, u8, i64, i32 = torch.float32, torch.uint8, torch.int64, torch.int32
+    class Recorder:
+        def __init__(self, kernel: Any) -> None:
+            self.kernel = kernel
+
+        def __getitem__(self, grid: Any) -> Callable[..., None]:
+            return lambda *args, **kwargs: calls.append((self.kernel, args, kwargs))
+
+    originals = [(module, name, kernel) for module in modules for name, kernel in _own_kernels(module).items()]
+    for module, name, kernel in originals:
+        setattr(module, name, Recorder(kernel))
+    try:
+        yield
+    finally:
+        for module, name, kernel in originals:
+            setattr(module, name, kernel)
+
+
+def _as_launch(launcher: str, kernel: Any, args: tuple, kwargs: dict) -> Launch:
+    values = {**dict(zip(kernel.arg_names, args)), **{k: v for k, v in kwargs.items() if k in kernel.arg_names}}
+    constexpr = {p.name for p in kernel.params if p.is_constexpr}
+    runtime = tuple(
+        (name, values[name].dtype if isinstance(values[name], torch.Tensor) else values[name])
+        for name in kernel.arg_names if name not in constexpr
+    )
+    return Launch(
+        launcher,
+        kernel,
+        runtime,
+        tuple((name, values[name]) for name in kernel.arg_names if name in constexpr),
+        tuple((k, v) for k, v in kwargs.items() if k not in kernel.arg_names),
+    )
+
+
+def kernel_modules() -> list[ModuleType]:
+    """Every kernel module of this package: the modules of ``galore_kernels/kernels/`` with a launcher."""
+    import importlib
+    import pkgutil
+
+    from .. import kernels
+
+    names = [info.name for info in pkgutil.iter_modules(kernels.__path__) if not info.ispkg]
+    return [importlib.import_module(f"{kernels.__name__}.{name}") for name in names if name != "compile_report"]
+
+
+def launches() -> list[Launch]:
+    """The distinct launches the launchers make over the Llama shapes, ranks and dtypes."""
+    from ..config import AdamHyper
+    from ..projector import oriented, resolve_side
+    from ..state import init_state
+    from . import adamw, backproject_update, gaussian_sketch, project_adam, quantize_blockwise
+
+    hyper = AdamHyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    calls: list[tuple[Any, tuple, dict]] = []
     found: dict[str, Launch] = {}
 
-    def add(launch: Launch) -> None:
-        found.setdefault(launch.kernel + launch.label(), launch)
+    def run(launcher: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        calls.clear()
+        launcher(*args, **kwargs)
+        for kernel, kernel_args, kernel_kwargs in calls:
+            launch = _as_launch(launcher.__name__, kernel, kernel_args, kernel_kwargs)
+            found.setdefault(launch.launcher + launch.label(), launch)
 
-    for shapes in LLAMA_SHAPES.values():
-        for m, n in shapes:
-            for rank in RANKS:
+    def meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    with _recording(kernel_modules(), calls):
+        for shapes in LLAMA_SHAPES.values():
+            for (m, n), rank, dtype in ((s, r, d) for s in shapes for r in RANKS for d in WEIGHT_DTYPES):
+                weight = meta(m, n, dtype=dtype)  # the gradient has the weight's shape and dtype
                 side = resolve_side("std", (m, n))
-                d, k = (m, n) if side == "left" else (n, m)
-                for wdt in WEIGHT_DTYPES:
-                    # PROJECTED: the epilogue alone, on an accumulated fp32 S (layer-wise accumulation).
-                    for quantized, projected in itertools.product((False, True), (False, True)):
-                        cfg = kernels["A project_adam"][1](rank, k, quantized)
-                        moment = u8 if quantized else f32
-                        add(Launch(
-                            "A project_adam",
-                            (("b_ptr", wdt), ("g_ptr", wdt), ("s_ptr", f32), ("n_ptr", wdt), ("m_ptr", moment), ("v_ptr", moment),
-                             ("m_absmax_ptr", f32), ("v_absmax_ptr", f32), ("signed_map_ptr", f32),
-                             ("signed_mids_ptr", f32), ("unsigned_map_ptr", f32), ("unsigned_mids_ptr", f32),
-                             ("r", rank), ("d", d), ("k", k), ("n_blocks", -(-k // BLOCK_SIZE)),
-                             ("stride_br", d), ("stride_bd", 1),
-                             ("stride_gd", n if side == "left" else 1), ("stride_gk", 1 if side == "left" else n),
-                             ("beta1", 0.9), ("beta2", 0.999), ("eps", 1e-8), ("scale", 0.25)),
-                            (("QUANTIZED", quantized), ("PROJECTED", projected), ("QBLOCK", BLOCK_SIZE), ("UPCAST", False), ("SOFT_BF16", False),
-                             ("DOT_PRECISION", dot_precision(wdt)), ("BLOCK_R", cfg["BLOCK_R"]), ("BLOCK_K", cfg["BLOCK_K"]), ("BLOCK_D", cfg["BLOCK_D"])),
-                            cfg["num_warps"],
-                        ))
-                    cfg = kernels["B backproject_update"][1](m, n)
-                    p_stride = (d, 1) if side == "left" else (k, 1)
-                    add(Launch(
-                        "B backproject_update",
-                        (("p_ptr", wdt), ("q_ptr", wdt), ("w_ptr", wdt), ("r", rank), ("m", m), ("n", n),
-                         ("stride_pr", p_stride[0]), ("stride_pm", 1), ("stride_qr", n), ("stride_qn", 1),
-                         ("stride_wm", n), ("stride_wn", 1), ("decay", 1.0), ("step_size", 1e-3)),
-                        (("UPCAST", False), ("SOFT_BF16", False), ("DOT_PRECISION", dot_precision(wdt)),
-                         ("BLOCK_M", cfg["BLOCK_M"]),
-                         ("BLOCK_N", cfg["BLOCK_N"]), ("BLOCK_R", cfg["BLOCK_R"])),
-                        cfg["num_warps"],
-                    ))
-                    width = rank + 8
-                    cfg = kernels["D sketch"][1](d, width)
-                    add(Launch(
-                        "D sketch",
-                        (("g_ptr", wdt), ("y_ptr", f32), ("d", d), ("k", k), ("width", width), ("seed", 2**40 + 7),
-                         ("stride_gd", n if side == "left" else 1), ("stride_gk", 1 if side == "left" else n)),
-                        (("DOT_PRECISION", dot_precision(f32)), ("BLOCK_M", cfg["BLOCK_M"]),
-                         ("BLOCK_N", cfg["BLOCK_N"]), ("BLOCK_K", cfg["BLOCK_K"])),
-                        cfg["num_warps"],
-                    ))
-    for wdt in WEIGHT_DTYPES:
-        for quantized in (False, True):
-            moment = u8 if quantized else f32
-            add(Launch(
-                "E adamw",
-                tuple((name, i64) for name in ("w_table", "g_table", "m_table", "v_table", "m_absmax_table",
-                                               "v_absmax_table", "numel_table"))
-                + (("step_size_table", f32), ("block_tensor", i32), ("block_index", i32),
-                   ("w_like", wdt), ("g_like", wdt), ("m_like", moment),
-                   ("signed_map_ptr", f32), ("signed_mids_ptr", f32), ("unsigned_map_ptr", f32),
-                   ("unsigned_mids_ptr", f32), ("beta1", 0.9), ("beta2", 0.999), ("eps", 1e-8), ("decay", 1.0)),
-                (("QUANTIZED", quantized), ("SOFT_BF16", False),
-                 ("BLOCK", BLOCK_SIZE if quantized else adamw_elementwise.FP32_BLOCK)),
-                4,
-            ))
-    for xdt in WEIGHT_DTYPES:
-        add(Launch(
-            "C quantize",
-            (("x_ptr", xdt), ("codes_ptr", u8), ("absmax_ptr", f32), ("mids_ptr", f32), ("rows", 4096),
-             ("k", 11008), ("stride_xr", 11008), ("stride_xk", 1), ("n_blocks", 43)),
-            (("BLOCK", BLOCK_SIZE), ("ROWS", ROWS_PER_PROGRAM)),
-            4,
-        ))
-    add(Launch(
-        "C dequantize",
-        (("codes_ptr", u8), ("absmax_ptr", f32), ("out_ptr", f32), ("map_ptr", f32), ("rows", 4096), ("k", 11008),
-         ("n_blocks", 43)),
-        (("BLOCK", BLOCK_SIZE), ("ROWS", ROWS_PER_PROGRAM)),
-        4,
-    ))
+                g_oriented = oriented(weight, side)
+                for min_8bit_size in (None, 0):  # fp32 and 8-bit moments
+                    state = init_state(weight, {"rank": rank, "proj_type": "std"}, param_seed=0,
+                                       min_8bit_size=min_8bit_size)
+                    projector = state["projector"]
+                    run(project_adam.project_adam, projector, g_oriented, state, hyper, 0.25)
+                    s = meta(*state["exp_avg"].shape)
+                    run(project_adam.adam_direction, s, state, hyper, 0.25, out_dtype=projector.dtype)
+                direction = meta(*state["exp_avg"].shape, dtype=projector.dtype)
+                run(backproject_update.backproject_update, weight, projector, direction, side, decay=1.0,
+                    step_size=1e-3)
+                run(gaussian_sketch.gaussian_sketch, g_oriented, 2**40 + 7, rank + 8)
+        for dtype in WEIGHT_DTYPES:
+            for min_8bit_size in (None, 0):
+                params = [meta(4096, dtype=dtype), meta(4096, 4096, dtype=dtype)]
+                states = [init_state(p, {}, param_seed=0, min_8bit_size=min_8bit_size) for p in params]
+                run(adamw.adamw, params, params, states, hyper)
+            run(quantize_blockwise.quantize_blockwise, meta(4096, 11008, dtype=dtype), signed=True)
+        run(quantize_blockwise.dequantize_blockwise, meta(4096, 11008, dtype=torch.uint8), meta(4096, 43), signed=True)
     return list(found.values())
 
 
 def _source(launch: Launch):
     """The ASTSource the JIT would build: ints equal to 1 become constants, and pointers and ints
-    divisible by 16 carry tt.divisibility, as Triton's launch-time specialization does."""
+    divisible by 16 carry tt.divisibility, as Triton's launch-time specialization does (not for the
+    arguments a kernel marks ``do_not_specialize``)."""
     from triton.compiler import ASTSource
 
-    fn = _kernels()[launch.kernel][0]
+    kernel = launch.kernel
+    params = {p.name: p for p in kernel.params}
     signature, constexprs, attrs = {}, dict(launch.constexprs), {}
     for name, value in launch.args:
-        index = fn.arg_names.index(name)
+        index = kernel.arg_names.index(name)
+        specialize = not params[name].do_not_specialize
         if isinstance(value, torch.dtype):
             signature[name] = "*" + _TRITON_TYPES[value]
             attrs[(index,)] = [["tt.divisibility", 16]]
         elif isinstance(value, float):
             signature[name] = "fp32"
-        elif value == 1:
+        elif value == 1 and specialize:
             signature[name] = "constexpr"
             constexprs[name] = 1
         else:
             signature[name] = "i64" if value >= 2**31 else "i32"
-            if value % 16 == 0:
+            if value % 16 == 0 and specialize:
                 attrs[(index,)] = [["tt.divisibility", 16]]
     for name, _ in launch.constexprs:
         signature[name] = "constexpr"
-    return ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    return ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
 
 
 def _resource_usage(ptx: str, arch: int, workdir: Path) -> tuple[int, int]:
@@ -210,6 +234,15 @@ def _resource_usage(ptx: str, arch: int, workdir: Path) -> tuple[int, int]:
     raise RuntimeError("no bundled ptxas could assemble the PTX: " + "; ".join(errors))
 
 
+def unrecorded_kernels(recorded: list[Launch]) -> list[str]:
+    """Kernels of the kernel modules that no recorded launch compiles: a kernel added without a case here."""
+    covered = {id(launch.kernel) for launch in recorded}
+    return [
+        f"{module.__name__}.{name}"
+        for module in kernel_modules() for name, kernel in _own_kernels(module).items() if id(kernel) not in covered
+    ]
+
+
 def report(arch: int, workdir: Path) -> bool:
     """Compile every launch for ``arch`` (80 or 90), print one table; True when all pass."""
     import triton
@@ -220,21 +253,22 @@ def report(arch: int, workdir: Path) -> bool:
     print(f"## sm_{arch} (triton {triton.__version__}; shared-memory limit {SHARED_LIMIT[arch]} bytes)")
     print("| kernel | configuration | regs | spill bytes (stores + loads) | shared bytes | tensor cores | status |")
     print("|---|---|---|---|---|---|---|")
-    ok = True
-    for launch in launches():
+    recorded = launches()
+    missing = unrecorded_kernels(recorded)
+    for name in missing:
+        print(f"| {name} | never launched by launches(): add its launcher's case | - | - | - | - | FAILED |")
+    ok = not missing
+    for launch in recorded:
         try:
-            compiled = triton.compile(
-                _source(launch), target=target,
-                options={"num_warps": launch.num_warps, "num_stages": launch.num_stages},
-            )
+            compiled = triton.compile(_source(launch), target=target, options=dict(launch.options))
         except Exception as error:  # a failed compile is a row of the report, not a crash
             ok = False
-            print(f"| {launch.kernel} | {launch.label()} | - | - | - | - | FAILED: {type(error).__name__}: "
+            print(f"| {launch.launcher} | {launch.label()} | - | - | - | - | FAILED: {type(error).__name__}: "
                   f"{str(error).splitlines()[0][:120]} |")
             continue
         regs, spill = _resource_usage(compiled.asm["ptx"], arch, workdir)
         shared = compiled.metadata.shared
-        gemm = launch.kernel[0] in "ABD"
+        gemm = launch.launcher in GEMM_LAUNCHERS
         uses_tc = tensor_core in compiled.asm["ptx"]
         problems = []
         if spill:
@@ -243,7 +277,7 @@ def report(arch: int, workdir: Path) -> bool:
             problems.append("shared memory over the limit")
         ok &= not problems
         tc = ("yes" if uses_tc else "NO") if gemm else "n/a"
-        print(f"| {launch.kernel} | {launch.label()} | {regs} | {spill} | {shared} | {tc} | "
+        print(f"| {launch.launcher} | {launch.label()} | {regs} | {spill} | {shared} | {tc} | "
               f"{', '.join(problems) or 'ok'} |")
     return ok
 
@@ -254,10 +288,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="architecture to compile for (repeatable; default both)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        print("galore_kernels.aot compiles real kernels: unset TRITON_INTERPRET", file=sys.stderr)
+        print("galore_kernels.kernels.compile_report compiles real kernels: unset TRITON_INTERPRET", file=sys.stderr)
         return 2
-    import tempfile
-
     ok = True
     with tempfile.TemporaryDirectory() as workdir:
         for arch in args.arch or ["sm_80", "sm_90"]:
