@@ -5,7 +5,7 @@
 # (the bench prints the GPU table first, row by row), so a step cut short still leaves its log. Results
 # land under $OUT (else ./gpu_out).
 # Missing comparators (galore-torch, bitsandbytes are not in the bare H200 image) skip their tests and
-# print "n/a" rows; the compile report (test_aot.py) is a CPU check and is left to CI. At most 8 files
+# print "n/a" rows; the compile report (tests/test_kernels_compile_report.py) is a CPU check and is left to CI. At most 8 files
 # come back from $OUT: this writes 7 (train's PNG and JSON stay on the machine; its table is in train.log).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -33,11 +33,11 @@ run() {  # run NAME SECONDS COMMAND...: log to $out/NAME.log, remember the exit 
 }
 
 run tests_cuda 130 $py -m pytest -q -p no:cacheprovider -m cuda tests
-run tests_kernels 75 $py -m pytest -q -p no:cacheprovider tests/test_kernels_gemm.py tests/test_kernels_elementwise.py \
-  tests/test_kernels_quant.py tests/test_optim_backends.py tests/test_kernels_sizes.py
-run tests_rest 90 $py -m pytest -q -p no:cacheprovider tests -m "not cuda" --ignore=tests/test_aot.py \
-  --ignore=tests/test_kernels_gemm.py --ignore=tests/test_kernels_elementwise.py --ignore=tests/test_kernels_quant.py \
-  --ignore=tests/test_optim_backends.py --ignore=tests/test_kernels_sizes.py
+kernel_tests="tests/test_kernels_project_adam.py tests/test_kernels_backproject_update.py tests/test_kernels_gaussian_sketch.py
+  tests/test_kernels_adamw.py tests/test_kernels_quantize_blockwise.py tests/test_optim_backends.py tests/test_backends_sizes.py"
+run tests_kernels 75 $py -m pytest -q -p no:cacheprovider $kernel_tests
+run tests_rest 90 $py -m pytest -q -p no:cacheprovider tests -m "not cuda" \
+  --ignore=tests/test_kernels_compile_report.py $(printf -- "--ignore=%s " $kernel_tests)
 run bench 130 $py -m galore_kernels bench --device cuda --quick
 run train 45 $py -m galore_kernels train --device cuda --steps 40 --no-progress --out /tmp/galore_kernels_train
 cat "$out/status.txt"

@@ -1,41 +1,24 @@
-"""pytest-benchmark versions of the refresh and step rows of ``galore-kernels bench`` (CPU; run:
-pytest bench --benchmark-only).
+"""pytest-benchmark rows of ``galore-kernels bench``'s refresh and step tables (CPU; run: pytest bench
+--benchmark-only): the tables' cases, on the first refresh shape, timed as the tables time them
+(bench/conftest.py).
 
 Not part of the default test run. Compare rows of one run side by side; absolute times only mean
 something on the machine that produced them.
 """
 
-import warnings
-
 import pytest
-import torch
 
-from galore_kernels import GaLoreAdamW
-from galore_kernels.benchmarks.cases import power_law_gradient
-from galore_kernels.projector import compute_projector
+from galore_kernels.benchmarks import refresh, step
+from galore_kernels.benchmarks.harness import REFRESH_SHAPES, power_law_gradient
 
-SHAPE, RANK = (1024, 2816), 128
+M, N, RANK = REFRESH_SHAPES[0]  # 1024×2816, rank 128: also a step table shape
 
 
-@pytest.mark.parametrize("method", ["exact", "randomized"])
-def test_refresh(benchmark, method):
-    g = power_law_gradient(*SHAPE)
-    benchmark.group = f"refresh {SHAPE[0]}x{SHAPE[1]} r={RANK}"
-    benchmark(compute_projector, g, RANK, "left", method=method, seed=1)
+@pytest.mark.parametrize("case", refresh.cases(M, N, RANK), ids=lambda case: case.name)
+def test_refresh(time_case, case):
+    time_case(case, power_law_gradient(M, N), refresh.SIZES["full"].timing)
 
 
-@pytest.mark.parametrize("impl", ["galore-torch", "ours"])
-def test_steady_step(benchmark, impl):
-    weight = torch.nn.Parameter(torch.randn(*SHAPE))
-    weight.grad = power_law_gradient(*SHAPE)
-    group = {"params": [weight], "rank": RANK, "update_proj_gap": 10**9, "scale": 0.25, "proj_type": "std"}
-    if impl == "galore-torch":
-        galore_torch = pytest.importorskip("galore_torch")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            opt = galore_torch.GaLoreAdamW([group], lr=1e-3)
-    else:
-        opt = GaLoreAdamW([group], lr=1e-3)
-    opt.step()
-    benchmark.group = f"steady step {SHAPE[0]}x{SHAPE[1]} r={RANK}"
-    benchmark(opt.step)
+@pytest.mark.parametrize("case", step.cases(M, N, RANK, refresh=False), ids=lambda case: case.name)
+def test_steady_step(time_case, case):
+    time_case(case, power_law_gradient(M, N), step.SIZES["full"].timing)

@@ -88,7 +88,9 @@ def adamw(
     from .kernels import adamw as adamw_kernel
 
     for members in buckets.values():
-        adamw_kernel.adamw([params[i] for i in members], [grads[i] for i in members], [states[i] for i in members], hyper)
+        adamw_kernel.adamw(
+            [params[i] for i in members], [grads[i] for i in members], [states[i] for i in members], hyper
+        )
 
 
 def _runs_kernels(param: torch.Tensor, side: str, backend: str) -> bool:

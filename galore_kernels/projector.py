@@ -1,4 +1,4 @@
-"""Projector side, rank and refresh schedule, and the two ways to compute the projector (DESIGN §3).
+"""Projector side, rank and refresh schedule, and the two ways to compute the projector (docs/DESIGN.md §3).
 
 Everything here works on tensors: the canonical projector is B (r × d) with orthonormal rows, applied
 as S = B · G' where G' = G for the left side and Gᵀ for the right side.
@@ -74,7 +74,7 @@ def is_refresh_step(step: int, update_proj_gap: int, offset: int = 0) -> bool:
 
 
 def oriented(matrix: torch.Tensor, side: str) -> torch.Tensor:
-    """G' of DESIGN §3: the matrix itself for the left side, its transpose (a view) for the right."""
+    """G' of docs/DESIGN.md §3: the matrix itself for the left side, its transpose (a view) for the right."""
     if side not in SIDES:
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
     return matrix if side == "left" else matrix.T

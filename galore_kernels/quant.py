@@ -1,4 +1,4 @@
-"""The 8-bit optimizer-state format (DESIGN §4): dynamic maps and row-blockwise quantization.
+"""The 8-bit optimizer-state format (docs/DESIGN.md §4): dynamic maps and row-blockwise quantization.
 
 Codes index a 256-entry map that is dense near zero and sparse near ±1 (bitsandbytes' "dynamic" data
 type); each block of ``block_size`` consecutive elements *within a row* is scaled by its absolute

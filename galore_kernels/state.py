@@ -4,7 +4,7 @@ Per-parameter state holds tensors and plain numbers only, so ``torch.load(weight
 
 ==================  ===========================================================================
 ``step``            int, completed steps t (drives the refresh schedule and bias correction)
-``nonfinite_skips`` int, steps skipped because the gradient held NaN or Inf
+``nonfinite_skips`` int, steps skipped: the gradient held NaN or Inf, or its norm reached 2^63
 ``seed``            int, the parameter's sketch seed (GaLore parameters)
 ``refresh_offset``  int in [0, T), the step of the parameter's refresh schedule (GaLore parameters)
 ``projector``       B (r × d): parameter dtype for 16-bit parameters, fp32 otherwise

@@ -1,6 +1,12 @@
-"""Shared inputs of the kernel tests: shapes that are multiples of no block size, ranks, dtypes, devices."""
+"""Shared inputs of the kernel tests: shapes that are multiples of no block size, ranks, dtypes, devices,
+seeds, and the check that two sets of 8-bit codes agree."""
+
+import zlib
 
 import torch
+
+from galore_kernels.quant import code_midpoints
+from tolerances import BF16_OPERANDS, CODE_TIE_ATOL, CODE_TIE_RTOL, FP32_INTERPRETER, FP32_TF32_GPU
 
 # (m, n): multiples of no tile size, a row length that is no multiple of 256, and a single row.
 SHAPES = [(67, 300), (300, 67), (1, 513)]
@@ -15,8 +21,6 @@ def ranks_for(shape):
 
 
 def tolerance(dtype, device=DEVICE):
-    from tolerances import BF16_OPERANDS, FP32_INTERPRETER, FP32_TF32_GPU
-
     if dtype != torch.float32:
         return BF16_OPERANDS
     return FP32_TF32_GPU if device == "cuda" else FP32_INTERPRETER
@@ -24,8 +28,6 @@ def tolerance(dtype, device=DEVICE):
 
 def codes_agree(ours, ref, values, absmax, signed, block=256):
     """8-bit codes equal, or ±1 apart where the value sits within fp32 rounding of a midpoint."""
-    from galore_kernels.quant import code_midpoints
-
     diff = (ours.int() - ref.int()).abs()
     if diff.max() > 1:
         return False
@@ -35,14 +37,12 @@ def codes_agree(ours, ref, values, absmax, signed, block=256):
     scale = absmax.repeat_interleave(block, dim=1)[:, : values.shape[1]]
     normalized = values / torch.where(scale > 0, scale, torch.ones_like(scale))
     lower = torch.minimum(ours, ref).long().clamp(max=254)
-    near_tie = (normalized - mids[lower]).abs() <= 1e-5 * normalized.abs().clamp(min=1e-30) + 1e-7
+    near_tie = (normalized - mids[lower]).abs() <= CODE_TIE_RTOL * normalized.abs().clamp(min=1e-30) + CODE_TIE_ATOL
     return bool(near_tie[diff == 1].all())
 
 
 def seed_of(*key) -> int:
     """A stable seed for a test case (Python's str hash changes between runs)."""
-    import zlib
-
     return zlib.crc32(repr(key).encode())
 
 

@@ -1,19 +1,28 @@
 """``galore-kernels bench``: every benchmark runs and prints its table (tiny --smoke sizes, or --quick with
-the smoke sizes swapped in), and the user's mistakes end in one line, exit status 2."""
+the smoke sizes swapped in), the user's mistakes end in one line, exit status 2, and bench/'s
+pytest-benchmark rows time the tables' own cases with the tables' clock."""
 
+import importlib.util
 import re
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from galore_kernels.benchmarks import gpu, layerwise, refresh, step
+from galore_kernels.benchmarks.harness import ShapeSweep, synchronized_clock
 from galore_kernels.cli import main
 from galore_kernels.cli.bench import selected
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 ENVIRONMENT = re.compile(
-    r"^\d{4}-\d\d-\d\d \| .+, \d+ threads \| galore_kernels \S+, torch \S+, triton \S+, galore-torch \S+, bitsandbytes \S+, transformers \S+, python \d+\.\d+\.\d+$", re.M
+    r"^\d{4}-\d\d-\d\d \| .+, \d+ threads \| galore_kernels \S+, torch \S+, triton \S+, galore-torch \S+, "
+    r"bitsandbytes \S+, transformers \S+, python \d+\.\d+\.\d+$",
+    re.M,
 )
 
 
@@ -77,7 +86,7 @@ def test_repeats_reach_the_settings(capsys, monkeypatch):
 
     monkeypatch.setattr(refresh, "measure", measure)
     out = _tables(capsys, ["bench", "--only", "refresh", "--device", "cpu", "--repeats", "7"])
-    assert seen == [(refresh.Settings(refresh.SIZES["full"].shapes, 7), "cpu")]
+    assert seen == [(ShapeSweep(refresh.SIZES["full"].shapes, 7), "cpu")]
     assert "--repeats 7`" in out and "| 8×8 | 2 | 2 | 1 | 2.0× | 1.0000 |" in out
 
 
@@ -126,3 +135,79 @@ def test_every_benchmark_has_the_cli_interface():
     for module in (gpu, refresh, step, layerwise):
         assert set(module.SIZES) == {"full", "quick", "smoke"}
         assert callable(module.measure) and callable(module.print_table) and module.TITLE
+
+
+def _load(path: Path):
+    """Import a file of bench/ (not a package) as a fresh module."""
+    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _parametrized_cases(bench_module) -> list:
+    """The cases that the test functions of a bench/ file are parametrized with."""
+    return [
+        case
+        for test in vars(bench_module).values()
+        for mark in getattr(test, "pytestmark", [])
+        if mark.name == "parametrize"
+        for case in mark.args[1]
+    ]
+
+
+CASE_FUNCTIONS = {"refresh": (refresh, "cases"), "step": (step, "cases"), "gpu": (gpu, "step_cases")}
+
+
+def _spy_on_case_functions(monkeypatch) -> tuple[list, list]:
+    """Replace each benchmark's case function by one returning the same cases, each recorded, and with a
+    prepare that records the case's name: (cases made, names prepared)."""
+    made, prepared = [], []
+
+    def recording(case):
+        def prepare(gradient):
+            prepared.append(case.name)
+            return case.prepare(gradient)
+
+        return case._replace(prepare=prepare)
+
+    def spy(real):
+        def cases(*args, **kwargs):
+            built = [recording(case) for case in real(*args, **kwargs)]
+            made.extend(built)
+            return built
+
+        return cases
+
+    for module, function in CASE_FUNCTIONS.values():
+        monkeypatch.setattr(module, function, spy(getattr(module, function)))
+    return made, prepared
+
+
+def test_pytest_benchmark_rows_are_the_tables_cases(monkeypatch):
+    """Every row of bench/ is parametrized with a case that a table's case function returned: a row built
+    any other way is not among them."""
+    made, _ = _spy_on_case_functions(monkeypatch)
+    rows = [case for path in sorted(BENCH.glob("test_bench_*.py")) for case in _parametrized_cases(_load(path))]
+    assert {"refresh 1024x2816 r=128", "steady step 1024x2816 r=128", "step 4096x11008 r=512 bfloat16"} <= {
+        row.group for row in rows
+    }
+    assert [row for row in rows if not any(row is case for case in made)] == []
+
+
+@pytest.mark.parametrize("name", CASE_FUNCTIONS)
+def test_tables_time_the_case_functions_cases(capsys, monkeypatch, name):
+    """The table prepares (and so times) each case its case function returns, once, in order."""
+    made, prepared = _spy_on_case_functions(monkeypatch)
+    _tables(capsys, ["bench", "--only", name, "--smoke", "--device", DEVICE])
+    assert prepared and prepared == [case.name for case in made]
+
+
+def test_pytest_benchmark_rows_use_the_harness_clock():
+    """bench/conftest.py sets pytest-benchmark's timer option to a name that resolves to the clock of
+    seconds_per_call."""
+    load_timer = pytest.importorskip("pytest_benchmark.utils").load_timer
+    conftest = _load(BENCH / "conftest.py")
+    config = SimpleNamespace(option=SimpleNamespace())
+    conftest.pytest_configure(config)
+    assert load_timer(config.option.benchmark_timer).target is synchronized_clock

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from case_ids import named_by_inputs
 from galore_kernels.cli import main
 from galore_kernels.training.corpus import CharTokenizer, make_corpus, split_tokens
 
@@ -49,7 +50,7 @@ def test_train_writes_the_table_the_curves_and_the_numbers(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "arguments, message",
-    [
+    named_by_inputs([
         (["--rank", "0"], "--rank must be >= 1, got 0"),
         (["--optimizers", "adamw,sgd"], "unknown optimizer sgd; choose from adamw, adamw8bit"),
         (["--lr", "adamw=fast"], "expected NAME=NUMBER"),
@@ -61,7 +62,7 @@ def test_train_writes_the_table_the_curves_and_the_numbers(tmp_path, capsys):
         (["--seed", "-1"], "--seed must be in [0, 2^32)"),
         (["--seq-len", "100000"], "must be below the validation text's 40,008 characters"),
         (["--rank", "0", "--traceback"], "--rank must be >= 1"),  # --traceback after the subcommand is accepted
-    ],
+    ]),
 )
 def test_bad_input_is_one_line(arguments, message, tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path), *arguments]) == 2
@@ -125,8 +126,9 @@ def test_output_a_terminal_cannot_encode_is_escaped():
     assert result.returncode == 0 and "\\u03b1" in result.stdout and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_the_default_run_learns_and_galore_stays_close_to_adamw(tmp_path, capsys):
-    """README's claims for `galore-kernels train` with no arguments (about 2 minutes on 2 CPU cores)."""
+    """README's claims for `galore-kernels train` with no arguments (about a minute on 2 CPU cores)."""
     pytest.importorskip("matplotlib")
     assert main(["train", "--out", str(tmp_path), "--no-progress"]) == 0
     results = {r["name"]: r for r in json.loads((tmp_path / "results.json").read_text())["results"]}

@@ -37,7 +37,8 @@ def test_every_kernel_module_has_its_test_file_and_design_entry():
     design = DESIGN.read_text(encoding="utf-8")
     assert KERNEL_MODULES, "no kernel modules found"
     for name in KERNEL_MODULES:
-        assert (ROOT / "tests" / f"test_kernels_{name}.py").is_file(), f"kernels/{name}.py has no tests/test_kernels_{name}.py"
+        test_file = ROOT / "tests" / f"test_kernels_{name}.py"
+        assert test_file.is_file(), f"kernels/{name}.py has no {test_file.name}"
         assert f"kernels/{name}.py" in design, f"docs/DESIGN.md does not list kernels/{name}.py"
 
 

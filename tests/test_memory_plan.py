@@ -7,6 +7,7 @@ import torch
 
 pytest.importorskip("transformers")
 
+from case_ids import named_by_inputs  # noqa: E402
 from galore_kernels import GaLoreAdamW, GaLoreAdamW8bit  # noqa: E402
 from galore_kernels.cli import main  # noqa: E402
 from galore_kernels.optim.param_groups import galore_param_groups  # noqa: E402
@@ -136,7 +137,7 @@ def test_cli_reads_a_config_folder(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "args, message",
-    [
+    named_by_inputs([
         (["--model", "nope"], "neither a preset"),
         (["--model", "llama-7b", "--rank", "0"], "--rank must be"),
         (["--model", "llama-7b", "--rank", "-3"], "--rank must be"),
@@ -149,7 +150,7 @@ def test_cli_reads_a_config_folder(tmp_path, capsys):
         (["--model", "{tmp}/config.json", "{file}", '{"model_type": "t5"}'], "no causal-LM model"),
         (["--model", "{tmp}/config.json", "{file}", '{"model_type": "llama", "vocab_size": "x"}'], "invalid llama"),
         (["--model", "llama-1b", "--target-modules", "nothing_matches"], "matches no nn.Linear"),
-    ],
+    ]),
 )
 def test_cli_bad_input_is_one_line(tmp_path, capsys, args, message):
     if "{file}" in args:

@@ -1,79 +1,14 @@
 """GaLoreAdamW / GaLoreAdamW8bit: arguments, edge cases, checkpoints, AMP and schedulers."""
 
-import io
 import warnings
 
 import pytest
 import torch
 
+from case_ids import case_id, named_by_inputs
 from galore_kernels import GaLoreAdamW, GaLoreAdamW8bit
-
-OPTIMIZERS = [
-    pytest.param(GaLoreAdamW, {}, id="fp32"),
-    pytest.param(GaLoreAdamW8bit, {"min_8bit_size": 64}, id="8bit"),
-]
-
-
-def _zoo(dtype=torch.float32, seed=0, device="cpu"):
-    """Parameters covering the edge cases, and the param groups galore-torch users write."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def param(*shape):
-        return torch.nn.Parameter(torch.randn(*shape, generator=gen).to(device=device, dtype=dtype))
-
-    params = {
-        "wide": param(24, 40),  # std → left
-        "tall": param(40, 24),  # std → right
-        "conv": param(6, 4, 10),  # 3-D in a GaLore group: treated as 6 × 40
-        "bias": param(40),  # 1-D in a GaLore group: plain AdamW
-        "empty": param(0, 8),  # zero-size
-        "tiny": param(3, 5),  # rank 50 > min(m, n)
-        "full": param(12, 20),
-        "plain": param(16, 16),  # group without rank
-        "long": param(12, 600),  # left side, moments (8 × 600): rows of three 256-blocks, the last short
-    }
-    groups = [
-        {"params": [params["plain"]]},
-        {
-            "params": [params[k] for k in ("wide", "tall", "conv", "bias", "empty", "long")],
-            "rank": 8,
-            "update_proj_gap": 3,
-            "scale": 0.5,
-            "proj_type": "std",
-        },
-        {"params": [params["tiny"]], "rank": 50, "update_proj_gap": 4, "proj_type": "reverse_std"},
-        {"params": [params["full"]], "rank": 4, "update_proj_gap": 5, "proj_type": "full", "svd": "exact"},
-    ]
-    return params, groups
-
-
-def _grads(params, step, seed=100):
-    """Fresh gradients for a step; one is non-contiguous and one is missing every third step."""
-    gen = torch.Generator().manual_seed(seed + step)
-    grads = {}
-    for name, p in params.items():
-        if name == "tall":
-            grads[name] = torch.randn(p.shape[::-1], generator=gen).T.to(p.device, p.dtype)  # non-contiguous
-        else:
-            grads[name] = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
-    if step % 3 == 2:
-        grads["plain"] = None
-    return grads
-
-
-def _run(opt, params, steps, start=0):
-    for step in range(start, start + steps):
-        for name, g in _grads(params, step).items():
-            params[name].grad = g
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-
-def _save_load(state_dict):
-    buffer = io.BytesIO()
-    torch.save(state_dict, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=True)
+from optim_helpers import OPTIMIZERS, parameter_zoo, run_steps, save_and_load, zoo_gradients
+from tolerances import CPU_VS_CUDA_ATOL, CPU_VS_CUDA_RTOL
 
 
 def _assert_same_state(opt_a, opt_b):
@@ -90,24 +25,24 @@ def _assert_same_state(opt_a, opt_b):
 
 
 @pytest.mark.parametrize("cls, kwargs", OPTIMIZERS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=case_id)
 def test_checkpoint_resume_is_bit_identical(cls, kwargs, dtype):
-    params_a, groups_a = _zoo(dtype)
+    params_a, groups_a = parameter_zoo(dtype)
     opt_a = cls(groups_a, lr=1e-2, weight_decay=0.01, **kwargs)
-    _run(opt_a, params_a, 9)
+    run_steps(opt_a, params_a, 9)
 
-    params_b, groups_b = _zoo(dtype)
+    params_b, groups_b = parameter_zoo(dtype)
     opt_b = cls(groups_b, lr=1e-2, weight_decay=0.01, **kwargs)
-    _run(opt_b, params_b, 4)
-    checkpoint = _save_load({"model": {k: p.detach() for k, p in params_b.items()}, "optim": opt_b.state_dict()})
+    run_steps(opt_b, params_b, 4)
+    checkpoint = save_and_load({"model": {k: p.detach() for k, p in params_b.items()}, "optim": opt_b.state_dict()})
 
-    params_c, groups_c = _zoo(dtype, seed=1)  # different initial values: everything comes from the checkpoint
+    params_c, groups_c = parameter_zoo(dtype, seed=1)  # different initial values: everything comes from the checkpoint
     with torch.no_grad():
         for name, p in params_c.items():
             p.copy_(checkpoint["model"][name])
     opt_c = cls(groups_c, lr=1e-2, weight_decay=0.01, **kwargs)
     opt_c.load_state_dict(checkpoint["optim"])
-    _run(opt_c, params_c, 5, start=4)
+    run_steps(opt_c, params_c, 5, start=4)
 
     for name in params_a:
         assert torch.equal(params_a[name], params_c[name]), name
@@ -117,10 +52,10 @@ def test_checkpoint_resume_is_bit_identical(cls, kwargs, dtype):
 
 @pytest.mark.parametrize("cls, kwargs", OPTIMIZERS)
 def test_state_layout_and_edge_cases(cls, kwargs):
-    params, groups = _zoo()
+    params, groups = parameter_zoo()
     initial = {k: p.detach().clone() for k, p in params.items()}
     opt = cls(groups, lr=1e-2, **kwargs)
-    _run(opt, params, 4)
+    run_steps(opt, params, 4)
     st = opt.state
     assert st[params["wide"]]["projector"].shape == (8, 24)  # left: B is r × m
     assert st[params["wide"]]["exp_avg"].shape == (8, 40)
@@ -145,12 +80,12 @@ def test_state_layout_and_edge_cases(cls, kwargs):
         assert s["exp_avg"].dtype == torch.uint8 and s["exp_avg_absmax"].dtype == torch.float32
 
 
-@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit])
+@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit], ids=lambda cls: cls.__name__)
 def test_bf16_state_keeps_its_dtypes_through_load(cls):
-    params, groups = _zoo(torch.bfloat16)
+    params, groups = parameter_zoo(torch.bfloat16)
     opt = cls(groups, lr=1e-2)
-    _run(opt, params, 2)
-    opt.load_state_dict(_save_load(opt.state_dict()))
+    run_steps(opt, params, 2)
+    opt.load_state_dict(save_and_load(opt.state_dict()))
     s = opt.state[params["wide"]]
     assert s["projector"].dtype == torch.bfloat16
     assert (s.get("exp_avg_absmax", s["exp_avg"])).dtype == torch.float32
@@ -184,7 +119,7 @@ def test_galore_torch_param_group_code_works_unchanged():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [
+    named_by_inputs([
         ({"lr": -1.0}, "lr must be >= 0"),
         ({"lr": float("nan")}, "lr must be a finite"),
         ({"betas": (1.0, 0.999)}, r"betas\[0\] must be in \[0, 1\)"),
@@ -195,7 +130,7 @@ def test_galore_torch_param_group_code_works_unchanged():
         ({"backend": "cuda"}, "backend must be one of"),
         ({"nonfinite": "ignore"}, "nonfinite must be one of"),
         ({"seed": -1}, "seed must be an int"),
-    ],
+    ]),
 )
 def test_bad_arguments_raise_value_error(kwargs, message):
     p = torch.nn.Parameter(torch.randn(4, 4))
@@ -205,7 +140,7 @@ def test_bad_arguments_raise_value_error(kwargs, message):
 
 @pytest.mark.parametrize(
     "group, message",
-    [
+    named_by_inputs([
         ({"rank": 0}, "rank must be an int >= 1, got 0"),
         ({"rank": 4.0}, "rank must be an int >= 1, got 4.0"),
         ({"rank": True}, "rank must be an int"),
@@ -215,7 +150,7 @@ def test_bad_arguments_raise_value_error(kwargs, message):
         ({"rank": 4, "scale": 0}, "scale must be > 0"),
         ({"rank": 4, "svd_power_iters": -1}, "svd_power_iters must be an int >= 0"),
         ({"rank": 4, "lr": -0.5}, "lr must be >= 0"),
-    ],
+    ]),
 )
 def test_bad_groups_raise_value_error(group, message):
     p = torch.nn.Parameter(torch.randn(4, 4))
@@ -262,12 +197,12 @@ def test_sparse_and_complex_gradients_raise_before_any_update():
 @pytest.mark.parametrize("cls, kwargs", OPTIMIZERS)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nonfinite_gradient_skips_that_parameter(cls, kwargs, bad):
-    params, groups = _zoo()
+    params, groups = parameter_zoo()
     opt = cls(groups, lr=1e-2, **kwargs)
-    _run(opt, params, 3)  # step 3 is a refresh step for the "wide" group: the projector must survive
+    run_steps(opt, params, 3)  # step 3 is a refresh step for the "wide" group: the projector must survive
     snapshot = {k: {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in s.items()} for k, s in opt.state.items()}
     weights = {k: p.detach().clone() for k, p in params.items()}
-    grads = _grads(params, 3)
+    grads = zoo_gradients(params, 3)
     grads["wide"][2, 3] = bad
     for name, g in grads.items():
         params[name].grad = g
@@ -318,7 +253,7 @@ def test_closure_returns_loss():
 
 def test_lr_scheduler_drives_each_step():
     def run(schedule):
-        params, groups = _zoo()
+        params, groups = parameter_zoo()
         opt = GaLoreAdamW8bit(groups, lr=1e-2, min_8bit_size=64)
         lrs = []
         if schedule:
@@ -328,7 +263,7 @@ def test_lr_scheduler_drives_each_step():
                 for g in opt.param_groups:
                     g["lr"] = 1e-2 * min(1.0, step / 3)
             lrs.append(opt.param_groups[1]["lr"])
-            _run(opt, params, 1, start=step)
+            run_steps(opt, params, 1, start=step)
             if schedule:
                 sched.step()
         return params, lrs
@@ -341,10 +276,10 @@ def test_lr_scheduler_drives_each_step():
 
 
 def test_lr_zero_first_step_leaves_weights():
-    params, groups = _zoo()
+    params, groups = parameter_zoo()
     opt = GaLoreAdamW(groups, lr=0.0, weight_decay=0.1)
     before = {k: p.detach().clone() for k, p in params.items()}
-    _run(opt, params, 1)
+    run_steps(opt, params, 1)
     for name in params:
         assert torch.equal(params[name], before[name])
 
@@ -384,14 +319,14 @@ def test_grad_scaler_steps_like_unscaled_and_skips_overflow(cls, kwargs):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit])
+@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit], ids=lambda cls: cls.__name__)
 def test_checkpoint_moves_between_cpu_and_cuda(cls):
-    params, groups = _zoo()
+    params, groups = parameter_zoo()
     opt = cls(groups, lr=1e-2)
-    _run(opt, params, 4)
-    saved = _save_load(opt.state_dict())
+    run_steps(opt, params, 4)
+    saved = save_and_load(opt.state_dict())
 
-    cuda_params, cuda_groups = _zoo(device="cuda")
+    cuda_params, cuda_groups = parameter_zoo(device="cuda")
     with torch.no_grad():
         for name, p in cuda_params.items():
             p.copy_(params[name])
@@ -401,14 +336,14 @@ def test_checkpoint_moves_between_cpu_and_cuda(cls):
         for value in state.values():
             if isinstance(value, torch.Tensor):
                 assert value.is_cuda
-    reloaded = cls(_zoo()[1], lr=1e-2)
-    reloaded.load_state_dict(_save_load(opt_cuda.state_dict()))
+    reloaded = cls(parameter_zoo()[1], lr=1e-2)
+    reloaded.load_state_dict(save_and_load(opt_cuda.state_dict()))
     _assert_same_state(opt, reloaded)  # CPU → CUDA → CPU is exact
 
-    _run(opt, params, 3, start=4)
-    _run(opt_cuda, cuda_params, 3, start=4)
+    run_steps(opt, params, 3, start=4)
+    run_steps(opt_cuda, cuda_params, 3, start=4)
     for name, p in params.items():
-        torch.testing.assert_close(cuda_params[name].cpu(), p, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(cuda_params[name].cpu(), p, rtol=CPU_VS_CUDA_RTOL, atol=CPU_VS_CUDA_ATOL)
 
 
 def test_raise_mode_changes_nothing_when_a_later_parameter_is_bad():
@@ -425,19 +360,19 @@ def test_raise_mode_changes_nothing_when_a_later_parameter_is_bad():
 @pytest.mark.parametrize("cls, kwargs", OPTIMIZERS)
 def test_huge_finite_gradient_is_skipped_not_poisoning_state(cls, kwargs):
     # Squared, 1e22 overflows fp32: Adam's second moment would become Inf and 8-bit state NaN.
-    params, groups = _zoo()
+    params, groups = parameter_zoo()
     opt = cls(groups, lr=1e-2, **kwargs)
-    _run(opt, params, 2)
+    run_steps(opt, params, 2)
     wide = params["wide"]
     before = wide.detach().clone()
-    grads = _grads(params, 2)
+    grads = zoo_gradients(params, 2)
     grads["wide"][0, 0] = 1e22
     for name, g in grads.items():
         params[name].grad = g
     with pytest.warns(RuntimeWarning, match="norm of at least 2"):
         opt.step()
     assert torch.equal(wide, before) and opt.state[wide]["nonfinite_skips"] == 1
-    _run(opt, params, 3, start=3)
+    run_steps(opt, params, 3, start=3)
     for p in params.values():
         assert torch.isfinite(p).all()
     for state in opt.state.values():
@@ -447,14 +382,14 @@ def test_huge_finite_gradient_is_skipped_not_poisoning_state(cls, kwargs):
 
 
 def test_load_state_dict_fills_galore_torch_groups_and_checks_them():
-    params, groups = _zoo()
+    params, groups = parameter_zoo()
     opt = GaLoreAdamW(groups, lr=1e-2)
-    _run(opt, params, 2)
+    run_steps(opt, params, 2)
     saved = opt.state_dict()
     for group in saved["param_groups"]:
         for key in ("svd", "svd_oversample", "svd_power_iters"):
             group.pop(key, None)  # as galore-torch writes them
-    fresh = GaLoreAdamW(_zoo()[1], lr=1e-2)
+    fresh = GaLoreAdamW(parameter_zoo()[1], lr=1e-2)
     fresh.load_state_dict(saved)
     assert fresh.param_groups[1]["svd"] == "randomized"
     bad = opt.state_dict()
@@ -464,12 +399,12 @@ def test_load_state_dict_fills_galore_torch_groups_and_checks_them():
 
 
 def test_load_state_dict_rejects_state_that_does_not_fit_and_changes_nothing():
-    params, groups = _zoo()
+    params, groups = parameter_zoo()
     opt = GaLoreAdamW(groups, lr=1e-2)
-    _run(opt, params, 2)
-    other_params, other_groups = _zoo()
+    run_steps(opt, params, 2)
+    other_params, other_groups = parameter_zoo()
     target = GaLoreAdamW8bit(other_groups, lr=1e-2, min_8bit_size=64)
-    _run(target, other_params, 1)
+    run_steps(target, other_params, 1)
     snapshot = {id(p): dict(s) for p, s in target.state.items()}
     with pytest.raises(ValueError, match="saved by the other optimizer class"):
         target.load_state_dict(opt.state_dict())
@@ -479,7 +414,7 @@ def test_load_state_dict_rejects_state_that_does_not_fit_and_changes_nothing():
     state = swapped["state"]
     state[1], state[3] = state[3], state[1]  # "wide" and "conv" states exchanged
     with pytest.raises(ValueError, match=r"state of parameter 1 \(shape \(24, 40\)\)"):
-        GaLoreAdamW(_zoo()[1], lr=1e-2).load_state_dict(swapped)
+        GaLoreAdamW(parameter_zoo()[1], lr=1e-2).load_state_dict(swapped)
 
 
 def test_tensor_lr_and_numpy_rank_are_accepted():

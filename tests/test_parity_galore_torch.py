@@ -1,4 +1,5 @@
-"""With svd="exact" and weight_decay=0, GaLoreAdamW follows galore-torch's GaLoreAdamW (issue 2)."""
+"""GaLoreAdamW is a drop-in for galore-torch's GaLoreAdamW: with svd="exact" and weight_decay=0, the same
+param groups give the same parameters and moments over 20 steps with two refreshes, for every proj_type."""
 
 import pytest
 import torch

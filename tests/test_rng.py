@@ -1,7 +1,11 @@
+"""The counter-based normals behind the sketch: deterministic, normal, keyed by (parameter, step), and
+the same numbers as Triton's tl.randn, so the kernel and the reference draw the same Ω."""
+
 import pytest
 import torch
 
 from galore_kernels.rng import randn, sketch_seed
+from tolerances import TRITON_RANDN
 
 
 def test_deterministic_and_normal():
@@ -45,4 +49,4 @@ def test_matches_triton_randn():
     theirs = _triton_randn(seed, offsets.to(device)).cpu()
     assert not torch.isnan(theirs).any()
     # Same Philox words; log/cos may differ in the last bits between libraries.
-    assert (ours - theirs).abs().max() <= 1e-5
+    assert (ours - theirs).abs().max() <= TRITON_RANDN

@@ -1,40 +1,41 @@
 """GPU benchmark: the GaLore step and the projector refresh against the alternatives. Two tables.
 
-``galore-kernels bench --device cuda [--quick]`` (``--quick``: rank 512 only, the issue's target rows).
-``--smoke`` runs every row once on tiny shapes (a CPU too, Triton under TRITON_INTERPRET=1): a check that
-the benchmark works, with times that mean nothing.
+``galore-kernels bench --device cuda [--quick]`` (``--quick``: rank 512 only, the rank of the headline
+rows). ``--smoke`` runs every row once on tiny shapes (a CPU too, Triton under TRITON_INTERPRET=1): a check
+that the benchmark works, with times that mean nothing.
 
 Step rows (one weight, steady state, no refresh): ours fused (Triton, 8-bit and fp32 moments, the
 kernels alone and through optimizer.step), our reference on the GPU, a cuBLAS + elementwise hybrid
 (torch.matmul, fp32 Adam in torch, torch.addmm_ doing the weight update in cuBLAS's epilogue),
 galore-torch GaLoreAdamW and GaLoreAdamW8bit, bitsandbytes AdamW8bit and torch AdamW(fused=True) on the
-full matrix. Columns: µs per call (median of ``repeats`` = 5 CUDA-event-timed batches of back-to-back
-calls), GB/s and TFLOP/s from the bytes and FLOPs counted below, and the time as a multiple of the
-roofline floor max(FLOPs/peak, bytes/bandwidth) of the fused 8-bit step (fp32-moment rows against the
-fp32-moment floor). A comparator that is not installed (galore-torch, bitsandbytes) gets a row saying so.
+full matrix. Columns: µs per call (the harness's :func:`~.harness.seconds_per_call`: median of
+``repeats`` = 5 batches of 20 back-to-back calls, after 5 warm-up calls), GB/s and TFLOP/s from the bytes
+and FLOPs counted below, and the time as a multiple of the roofline floor max(FLOPs/peak,
+bytes/bandwidth) of the fused 8-bit step (fp32-moment rows against the fp32-moment floor). A comparator
+that is not installed (galore-torch, bitsandbytes) gets a row saying so.
 
-Refresh rows: each refresh timed (after one warm-up call) and scored by its captured top-r energy ÷ the
-exact top-r energy, which comes from the first full SVD's singular values.
+Refresh rows: each refresh timed (single calls after one warm-up call) and scored by its captured top-r
+energy ÷ the exact top-r energy, from the gradient's singular values.
 """
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple, TextIO
 
 import torch
 
 from .. import functional
+from ..config import AdamHyper, GaLoreConfig
 from ..optim import GaLoreAdamW, GaLoreAdamW8bit
 from ..projector import compute_projector, oriented, resolve_side
-from ..reference import AdamHyper, GaLoreConfig
 from ..state import init_state
-from .cases import SMOKE_SHAPES, environment, power_law_gradient
+from .harness import SMOKE_SHAPES, Case, Timing, environment, power_law_gradient, seconds_per_call
+from .refresh import captured_energy
 
 TITLE = "GPU: fused step and refresh vs the alternatives"
 SHAPES = ((4096, 4096), (4096, 11008), (11008, 4096), (2048, 5461))
@@ -46,26 +47,42 @@ PEAKS = {  # name fragment: (bf16 FLOP/s, tf32 FLOP/s, bytes/s)
     "A100": (312e12, 156e12, 2.0e12),
 }
 CUDA_ONLY = ("galore-torch-8bit", "bnb-adamw8bit-full", "torch-adamw-fused-full")
+HYPER = AdamHyper(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
 
 
 @dataclass(frozen=True)
-class Settings:
+class GpuSweep:
+    """What the GPU table measures: step rows for every shape × rank × dtype, refresh rows of
+    ``refresh_shapes`` at ``refresh_rank``, and how each row is timed."""
+
     shapes: tuple[tuple[int, int], ...]
     ranks: tuple[int, ...]
     dtypes: tuple[torch.dtype, ...]
     refresh_shapes: tuple[tuple[int, int], ...]
     refresh_rank: int
-    repeats: int = 5  # CUDA-event-timed batches per row, the median reported
-    step_calls: tuple[int, int] = (5, 20)  # step rows: (warm-up calls, calls per batch)
-    refresh_calls: tuple[int, int] = (1, 1)  # refresh rows: the same
+    repeats: int = 5  # timed batches per row, the median reported
+    # Step rows: (warm-up calls, calls per batch). A step is a few kernel launches; a batch of 20 spreads
+    # the one synchronization and the first launch's latency over 20 steps.
+    step_calls: tuple[int, int] = (5, 20)
+    refresh_calls: tuple[int, int] = (1, 1)  # refresh rows: milliseconds a call, timed one by one
+
+    @property
+    def step_timing(self) -> Timing:
+        """How each step row is timed."""
+        return Timing(*self.step_calls, self.repeats)
+
+    @property
+    def refresh_timing(self) -> Timing:
+        """How each refresh row is timed."""
+        return Timing(*self.refresh_calls, self.repeats)
 
 
 _SMOKE = tuple((m, n) for m, n, _ in SMOKE_SHAPES)
-_FULL = Settings(SHAPES, RANKS, (torch.bfloat16, torch.float32), ((4096, 11008), (2048, 5461)), 512)
+_FULL = GpuSweep(SHAPES, RANKS, (torch.bfloat16, torch.float32), ((4096, 11008), (2048, 5461)), 512)
 SIZES = {
     "full": _FULL,
-    "quick": Settings(SHAPES, (512,), _FULL.dtypes, _FULL.refresh_shapes, 512),
-    "smoke": Settings(_SMOKE, (16,), (torch.bfloat16,), _SMOKE, 16),
+    "quick": GpuSweep(SHAPES, (512,), _FULL.dtypes, _FULL.refresh_shapes, 512),
+    "smoke": GpuSweep(_SMOKE, (16,), (torch.bfloat16,), _SMOKE, 16, repeats=1, step_calls=(1, 1)),
 }
 
 
@@ -91,32 +108,6 @@ class RefreshRow(NamedTuple):
     energy: float  # captured top-r energy ÷ the exact top-r energy
 
 
-def _timer(device: str, warmup: int, calls: int, batches: int) -> Callable[[Callable[[], object]], float]:
-    def cuda_median_us(fn: Callable[[], object]) -> float:
-        for _ in range(warmup):
-            fn()
-        # Calls are queued back to back between two events, so the host's launch overhead overlaps GPU
-        # work as it does in training; the median over batches drops outliers.
-        times = []
-        for _ in range(batches):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(calls):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) * 1e3 / calls)
-        return statistics.median(times)
-
-    def cpu_once_us(fn: Callable[[], object]) -> float:  # --smoke on a CPU: one warm call, one timed
-        fn()
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e6
-
-    return cuda_median_us if torch.device(device).type == "cuda" else cpu_once_us
-
-
 def _peaks(device: str) -> tuple[float, float, float] | None:
     if torch.device(device).type != "cuda":
         return None
@@ -139,46 +130,61 @@ def galore_traffic(m: int, n: int, r: int, weight_bytes: int, eight_bit: bool) -
     return flops, float(traffic)
 
 
-def _one_param_optimizer(kind: str, w: torch.nn.Parameter, rank: int) -> torch.optim.Optimizer:
+def _fused_kernels(g: torch.Tensor, rank: int, eight_bit: bool) -> Callable[[], None]:
+    """The fused kernels alone, on state as GaLoreAdamW8bit keeps it (8-bit moments) or fp32 moments."""
+    w = torch.randn(g.shape, device=g.device, dtype=g.dtype)
+    state = init_state(w, {"rank": rank, "proj_type": "std"}, param_seed=0, min_8bit_size=4096 if eight_bit else None)
+    config = GaLoreConfig(rank=rank, update_proj_gap=10**9)
+    return partial(functional.galore_adamw_step, w, g, state, HYPER, config, backend="triton")
+
+
+def _one_param_optimizer(name: str, w: torch.nn.Parameter, rank: int) -> torch.optim.Optimizer:
     group = {"params": [w], "rank": rank, "update_proj_gap": 10**9, "scale": 0.25, "proj_type": "std"}
-    if kind == "ours-8bit":
+    if name == "ours GaLoreAdamW8bit.step()":
         return GaLoreAdamW8bit([group], lr=1e-3, backend="triton")
-    if kind == "ours-fp32":
+    if name == "ours GaLoreAdamW.step()":
         return GaLoreAdamW([group], lr=1e-3, backend="triton")
-    if kind == "reference-8bit":
+    if name == "our reference (torch) 8-bit":
         return GaLoreAdamW8bit([group], lr=1e-3, backend="torch")
-    if kind.startswith("galore-torch"):
+    if name.startswith("galore-torch"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             import galore_torch
 
-            cls = galore_torch.GaLoreAdamW8bit if kind.endswith("8bit") else galore_torch.GaLoreAdamW
+            cls = galore_torch.GaLoreAdamW8bit if name.endswith("8bit") else galore_torch.GaLoreAdamW
             return cls([group], lr=1e-3)
-    if kind == "bnb-adamw8bit-full":
+    if name == "bnb-adamw8bit-full":
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit([w], lr=1e-3)
-    if kind == "torch-adamw-fused-full":
+    if name == "torch-adamw-fused-full":
         return torch.optim.AdamW([w], lr=1e-3, fused=True)
-    raise ValueError(kind)
+    raise ValueError(name)
 
 
-def _hybrid_step(w: torch.Tensor, g: torch.Tensor, rank: int) -> Callable[[], None]:
+def _optimizer_step(g: torch.Tensor, rank: int, name: str) -> Callable[[], object]:
+    """``step()`` of the optimizer ``name`` on one weight whose gradient is ``g``."""
+    w = torch.nn.Parameter(torch.randn(g.shape, device=g.device, dtype=g.dtype))
+    w.grad = g
+    return _one_param_optimizer(name, w, rank).step
+
+
+def _hybrid_step(g: torch.Tensor, rank: int) -> Callable[[], None]:
     """cuBLAS for both GEMMs (the update inside addmm_'s epilogue), torch elementwise Adam in between."""
+    w = torch.randn(g.shape, device=g.device, dtype=g.dtype)
     m, n = w.shape
     side = resolve_side("std", (m, n))
     b = compute_projector(g, rank, side).to(w.dtype)
     k = n if side == "left" else m
     exp_avg = torch.zeros(rank, k, device=w.device)
     exp_avg_sq = torch.zeros(rank, k, device=w.device)
-    hyper = AdamHyper(1e-3, 0.9, 0.999, 1e-8, 0.0)
 
     def step() -> None:
         s = (b @ oriented(g, side)).float()
-        exp_avg.lerp_(s, 1 - hyper.beta1)
-        exp_avg_sq.mul_(hyper.beta2).addcmul_(s, s, value=1 - hyper.beta2)
-        direction = (exp_avg / (exp_avg_sq.sqrt() + hyper.eps)).mul_(0.25).to(w.dtype)
-        step_size = hyper.step_size(10)
+        exp_avg.lerp_(s, 1 - HYPER.beta1)
+        exp_avg_sq.mul_(HYPER.beta2).addcmul_(s, s, value=1 - HYPER.beta2)
+        direction = (exp_avg / (exp_avg_sq.sqrt() + HYPER.eps)).mul_(0.25).to(w.dtype)
+        step_size = HYPER.step_size(10)
         if side == "left":
             w.addmm_(b.T, direction, alpha=-step_size)
         else:
@@ -187,98 +193,119 @@ def _hybrid_step(w: torch.Tensor, g: torch.Tensor, rank: int) -> Callable[[], No
     return step
 
 
-def measure_steps(settings: Settings = SIZES["full"], device: str = "cuda") -> Iterator[StepRow]:
+def step_cases(m: int, n: int, rank: int, dtype: torch.dtype, device: str | torch.device) -> list[Case]:
+    """The step rows of one shape, rank and weight dtype, in table order, with their counted FLOPs and
+    bytes; on a CPU without the CUDA-only comparators. Each call is one steady-state step.
+
+    >>> [case.name for case in step_cases(96, 160, 16, torch.bfloat16, "cpu")][:2]
+    ['ours fused kernels (8-bit moments)', 'ours fused kernels (fp32 moments)']
+    """
+    group = f"step {m}x{n} r={rank} {str(dtype)[6:]}"
+    weight_bytes = torch.finfo(dtype).bits // 8
+    work8 = galore_traffic(m, n, rank, weight_bytes, True)
+    work32 = galore_traffic(m, n, rank, weight_bytes, False)
+    cases = [
+        Case(group, "ours fused kernels (8-bit moments)", partial(_fused_kernels, rank=rank, eight_bit=True), *work8),
+        Case(group, "ours fused kernels (fp32 moments)", partial(_fused_kernels, rank=rank, eight_bit=False), *work32),
+    ]
+    for name, work in (
+        ("ours GaLoreAdamW8bit.step()", work8),
+        ("ours GaLoreAdamW.step()", work32),
+        ("our reference (torch) 8-bit", work8),
+        ("galore-torch", work32),
+        ("galore-torch-8bit", work8),
+        ("bnb-adamw8bit-full", (0.0, float(m * n * (3 * weight_bytes + 4)))),
+        ("torch-adamw-fused-full", (0.0, float(m * n * (3 * weight_bytes + 16)))),
+    ):
+        cases.append(Case(group, name, partial(_optimizer_step, rank=rank, name=name), *work))
+    cases.append(Case(group, "hybrid cuBLAS + elementwise (fp32 moments)", partial(_hybrid_step, rank=rank), *work32))
+    on_cuda = torch.device(device).type == "cuda"
+    return [case for case in cases if on_cuda or case.name not in CUDA_ONLY]
+
+
+def measure_steps(settings: GpuSweep = SIZES["full"], device: str = "cuda") -> Iterator[StepRow]:
     """The step rows, yielded as they are measured."""
     peaks = _peaks(device)
-    time_us = _timer(device, *settings.step_calls, settings.repeats)
     for m, n in settings.shapes:
         g32 = power_law_gradient(m, n, device=device)
         for rank in settings.ranks:
             for dtype in settings.dtypes:
-                wb = torch.finfo(dtype).bits // 8
                 g = g32.to(dtype)
-                peak_flops = None if peaks is None else (peaks[0] if dtype != torch.float32 else peaks[1])
-
-                def row(name: str, fn: Callable[[], object], flops: float, traffic: float) -> StepRow:
-                    us = time_us(fn)
-                    floor_us = None
-                    if peaks is not None and flops:
-                        floor_us = max(flops / peak_flops, traffic / peaks[2]) * 1e6
-                    return StepRow(m, n, rank, dtype, name, us, flops, traffic, floor_us)
-
-                # The fused kernels alone: state as GaLoreAdamW8bit keeps it, after one warm step.
-                for eight_bit in (True, False):
-                    w = torch.randn(m, n, device=device, dtype=dtype)
-                    state = init_state(w, {"rank": rank, "proj_type": "std"}, param_seed=0,
-                                       min_8bit_size=4096 if eight_bit else None)
-                    cfg = GaLoreConfig(rank, 10**9, 0.25, "std", "randomized", 8, 2)
-                    hyper = AdamHyper(1e-3, 0.9, 0.999, 1e-8, 0.0)
-                    functional.galore_adamw_step(w, g, state, hyper, cfg, backend="triton")
-                    flops, traffic = galore_traffic(m, n, rank, wb, eight_bit)
-                    yield row(f"ours fused kernels ({'8-bit' if eight_bit else 'fp32'} moments)",
-                              lambda: functional.galore_adamw_step(w, g, state, hyper, cfg, backend="triton"),
-                              flops, traffic)
-                flops8, traffic8 = galore_traffic(m, n, rank, wb, True)
-                flops32, traffic32 = galore_traffic(m, n, rank, wb, False)
-                for kind, flops, traffic in (
-                    ("ours-8bit", flops8, traffic8), ("ours-fp32", flops32, traffic32),
-                    ("reference-8bit", flops8, traffic8), ("galore-torch", flops32, traffic32),
-                    ("galore-torch-8bit", flops8, traffic8),
-                    ("bnb-adamw8bit-full", 0.0, float(m * n * (3 * wb + 4))),
-                    ("torch-adamw-fused-full", 0.0, float(m * n * (3 * wb + 16))),
-                ):
-                    if torch.device(device).type != "cuda" and kind in CUDA_ONLY:
-                        continue
-                    label = {"ours-8bit": "ours GaLoreAdamW8bit.step()", "ours-fp32": "ours GaLoreAdamW.step()",
-                             "reference-8bit": "our reference (torch) 8-bit"}.get(kind, kind)
-                    w = torch.nn.Parameter(torch.randn(m, n, device=device, dtype=dtype))
-                    w.grad = g
+                for case in step_cases(m, n, rank, dtype, device):
+                    row = StepRow(m, n, rank, dtype, case.name, None, case.flops, case.traffic, None)
                     try:
-                        opt = _one_param_optimizer(kind, w, rank)
+                        call = case.prepare(g)
                     except ImportError as missing:
-                        yield StepRow(m, n, rank, dtype, label, None, flops, traffic, None, missing.name or kind)
+                        yield row._replace(missing=missing.name or case.name)
                         continue
-                    opt.step()
-                    yield row(label, opt.step, flops, traffic)
-                w = torch.randn(m, n, device=device, dtype=dtype)
-                yield row("hybrid cuBLAS + elementwise (fp32 moments)", _hybrid_step(w, g, rank), flops32, traffic32)
+                    us = 1e6 * seconds_per_call(call, settings.step_timing)
+                    if peaks is not None and case.flops:
+                        peak_flops = peaks[1] if dtype == torch.float32 else peaks[0]
+                        row = row._replace(floor_us=max(case.flops / peak_flops, case.traffic / peaks[2]) * 1e6)
+                    yield row._replace(us=us)
 
 
-def measure_refresh(settings: Settings = SIZES["full"], device: str = "cuda") -> Iterator[RefreshRow]:
+def _randomized_refresh(g: torch.Tensor, rank: int, triton_sketch: bool) -> Callable[[], torch.Tensor]:
+    side = resolve_side("std", tuple(g.shape))
+    if not triton_sketch:
+        return partial(compute_projector, g, rank, side, seed=1)
+    from ..kernels.gaussian_sketch import gaussian_sketch
+
+    return partial(compute_projector, g, rank, side, seed=1, sketch=gaussian_sketch)
+
+
+def _svd_refresh(g: torch.Tensor, rank: int, driver: str | None) -> Callable[[], torch.Tensor]:
+    side = resolve_side("std", tuple(g.shape))
+
+    def svd() -> torch.Tensor:
+        u, _, vh = torch.linalg.svd(g, full_matrices=False, driver=driver)
+        return u[:, :rank].T if side == "left" else vh[:rank]
+
+    return svd
+
+
+def _lowrank_refresh(g: torch.Tensor, rank: int) -> Callable[[], torch.Tensor]:
+    side = resolve_side("std", tuple(g.shape))
+
+    def lowrank() -> torch.Tensor:
+        u, _, v = torch.svd_lowrank(g, q=rank + 8, niter=2)
+        return u[:, :rank].T if side == "left" else v[:, :rank].T
+
+    return lowrank
+
+
+def refresh_cases(m: int, n: int, rank: int, device: str | torch.device) -> list[Case]:
+    """The refresh rows of one shape, in table order; each call returns the projector (r × d). The SVD
+    drivers are CUDA's (gesvd, gesvdj, gesvda); a CPU has one, named None.
+
+    >>> [case.name for case in refresh_cases(96, 160, 16, "cpu")][2:]
+    ['torch.linalg.svd driver=None', 'torch.svd_lowrank(q=r+8, niter=2)']
+    """
+    group = f"refresh {m}x{n} r={rank}"
+    drivers = ("gesvd", "gesvdj", "gesvda") if torch.device(device).type == "cuda" else (None,)
+    return [
+        Case(group, "ours randomized (Triton sketch)", partial(_randomized_refresh, rank=rank, triton_sketch=True)),
+        Case(group, "ours randomized (reference sketch)", partial(_randomized_refresh, rank=rank, triton_sketch=False)),
+        *(Case(group, f"torch.linalg.svd driver={driver}", partial(_svd_refresh, rank=rank, driver=driver))
+          for driver in drivers),
+        Case(group, "torch.svd_lowrank(q=r+8, niter=2)", partial(_lowrank_refresh, rank=rank)),
+    ]
+
+
+def measure_refresh(settings: GpuSweep = SIZES["full"], device: str = "cuda") -> Iterator[RefreshRow]:
     """The refresh rows, yielded as they are measured."""
-    from ..kernels.sketch import gaussian_sketch
-
-    time_us = _timer(device, *settings.refresh_calls, settings.repeats)
     rank = settings.refresh_rank
     for m, n in settings.refresh_shapes:
         g = power_law_gradient(m, n, device=device)
-        side = resolve_side("std", (m, n))
-        g_side = oriented(g, side)
-        u, s, vh = torch.linalg.svd(g, full_matrices=False)
-        exact = s[:rank].double().square().sum().item()
-        del u, vh
-
-        def row(name: str, fn: Callable[[], torch.Tensor]) -> RefreshRow:
-            us = time_us(fn)
-            captured = (fn().double() @ g_side.double()).square().sum().item()
-            return RefreshRow(m, n, rank, name, us / 1e3, captured / exact)
-
-        yield row("ours randomized (Triton sketch)",
-                  lambda: compute_projector(g, rank, side, seed=1, sketch=gaussian_sketch))
-        yield row("ours randomized (reference sketch)", lambda: compute_projector(g, rank, side, seed=1))
-        for driver in ("gesvd", "gesvdj", "gesvda") if torch.device(device).type == "cuda" else (None,):
-            def svd(driver=driver) -> torch.Tensor:
-                u, _, vh = torch.linalg.svd(g, full_matrices=False, driver=driver)
-                return u[:, :rank].T if side == "left" else vh[:rank]
-            yield row(f"torch.linalg.svd driver={driver}", svd)
-
-        def lowrank() -> torch.Tensor:
-            u, _, v = torch.svd_lowrank(g, q=rank + 8, niter=2)
-            return u[:, :rank].T if side == "left" else v[:, :rank].T
-        yield row("torch.svd_lowrank(q=r+8, niter=2)", lowrank)
+        g_side = oriented(g, resolve_side("std", (m, n)))
+        exact = torch.linalg.svdvals(g)[:rank].double().square().sum().item()
+        for case in refresh_cases(m, n, rank, device):
+            call = case.prepare(g)
+            ms = 1e3 * seconds_per_call(call, settings.refresh_timing)
+            yield RefreshRow(m, n, rank, case.name, ms, captured_energy(call(), g_side) / exact)
 
 
-def measure(settings: Settings = SIZES["full"], device: str = "cuda") -> Iterator[StepRow | RefreshRow]:
+def measure(settings: GpuSweep = SIZES["full"], device: str = "cuda") -> Iterator[StepRow | RefreshRow]:
     """The step rows, then the refresh rows, yielded as they are measured."""
     yield from measure_steps(settings, device)
     yield from measure_refresh(settings, device)
@@ -308,7 +335,7 @@ REFRESH_HEADER = ("| shape | rank | refresh | ms | energy (÷ exact top-r) |", "
 
 
 def print_table(
-    rows: Iterable[StepRow | RefreshRow], settings: Settings = SIZES["full"], device: str = "cuda",
+    rows: Iterable[StepRow | RefreshRow], settings: GpuSweep = SIZES["full"], device: str = "cuda",
     file: TextIO | None = None,
 ) -> None:
     """The environment line, the step table and the refresh table, each row printed as soon as ``rows``

@@ -11,7 +11,6 @@ the slowest step over the median — the spike that refreshing every projector o
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple, TextIO
@@ -19,7 +18,7 @@ from typing import NamedTuple, TextIO
 import torch
 
 from ..optim import GaLoreAdamW8bit
-from .cases import stream_table, synchronize
+from .harness import stream_table, synchronized_clock
 
 TITLE = "Layer-wise mode: full gradients alive and step time"
 MODES = {
@@ -30,7 +29,10 @@ MODES = {
 
 
 @dataclass(frozen=True)
-class Settings:
+class LayerwiseRun:
+    """The model a layer-wise table trains (``layers`` square linear layers of ``width``, GaLore ``rank``) and
+    its schedule (refresh period ``gap``, ``k`` backward passes a step, ``windows`` periods after step 0)."""
+
     layers: int = 16
     width: int = 1024
     rank: int = 128
@@ -45,9 +47,9 @@ class Settings:
 
 
 SIZES = {
-    "full": Settings(),
-    "quick": Settings(windows=1),  # the same model: the same peaks, the median over fewer steps
-    "smoke": Settings(layers=4, width=64, rank=8, gap=2, windows=1),
+    "full": LayerwiseRun(),
+    "quick": LayerwiseRun(windows=1),  # the same model: the same peaks, the median over fewer steps
+    "smoke": LayerwiseRun(layers=4, width=64, rank=8, gap=2, windows=1),
 }
 
 
@@ -61,7 +63,7 @@ class Row(NamedTuple):
     slowest_over_median: float
 
 
-def _measure_mode(mode: dict, s: Settings, device) -> tuple[int, list[float]]:
+def _measure_mode(mode: dict, s: LayerwiseRun, device: str | torch.device) -> tuple[int, list[float]]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(s.width, s.width, bias=False) for _ in range(s.layers)]).to(device)
     holder: dict = {}
@@ -85,21 +87,20 @@ def _measure_mode(mode: dict, s: Settings, device) -> tuple[int, list[float]]:
     for step in range(1 + s.gap * s.windows):
         if step == 1:
             peak[0] = 0  # step 0 refreshes every projector in every mode (there is none yet): not counted
-        synchronize(device)
-        start = time.perf_counter()
+        # Each step timed alone: the table reports the slowest step, which a batch of steps would average away.
+        start = synchronized_clock()
         for _ in range(s.k):
             model(torch.randn(64, s.width, generator=gen).to(device)).square().mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append(synchronized_clock() - start)
     opt.detach_hooks()
     for handle in handles:
         handle.remove()
     return peak[0], times[1:]
 
 
-def measure(settings: Settings = SIZES["full"], device: str | torch.device = "cpu") -> Iterator[Row]:
+def measure(settings: LayerwiseRun = SIZES["full"], device: str | torch.device = "cpu") -> Iterator[Row]:
     """One row per mode (plain, layer-wise aligned, layer-wise spread), yielded as it is measured."""
     for name, mode in MODES.items():
         peak, times = _measure_mode(mode, settings, device)
@@ -117,7 +118,7 @@ def format_row(row: Row) -> str:
 
 def print_table(
     rows: Iterable[Row],
-    settings: Settings = SIZES["full"],
+    settings: LayerwiseRun = SIZES["full"],
     device: str | torch.device = "cpu",
     file: TextIO | None = None,
 ) -> None:

@@ -7,22 +7,22 @@ one warm-up; the energy is ‖B·G'‖² of the randomized projector over that o
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import NamedTuple, TextIO
 
 import torch
 
 from ..projector import compute_projector, oriented, resolve_side
-from .cases import REFRESH_SHAPES, SMOKE_SHAPES, median_seconds, power_law_gradient, stream_table
-from .cases import ShapeSettings as Settings
+from .harness import REFRESH_SHAPES, SMOKE_SHAPES, Case, ShapeSweep, power_law_gradient, seconds_per_call, stream_table
 
 TITLE = "Refresh: exact vs randomized"
 
 
 SIZES = {
-    "full": Settings(tuple(REFRESH_SHAPES), repeats=3),
-    "quick": Settings(tuple(REFRESH_SHAPES[:1]), repeats=1),
-    "smoke": Settings(tuple(SMOKE_SHAPES), repeats=1),
+    "full": ShapeSweep(tuple(REFRESH_SHAPES), repeats=3),
+    "quick": ShapeSweep(tuple(REFRESH_SHAPES[:1]), repeats=1),
+    "smoke": ShapeSweep(tuple(SMOKE_SHAPES), repeats=1),
 }
 
 
@@ -38,19 +38,41 @@ class Row(NamedTuple):
     energy_ratio: float  # captured energy, randomized / exact
 
 
-def measure(settings: Settings = SIZES["full"], device: str | torch.device = "cpu") -> Iterator[Row]:
+def _refresh(gradient: torch.Tensor, rank: int, method: str) -> Callable[[], torch.Tensor]:
+    side = resolve_side("std", tuple(gradient.shape))
+    return partial(compute_projector, gradient, rank, side, method=method, seed=1)
+
+
+def cases(m: int, n: int, rank: int) -> list[Case]:
+    """The rows of one shape: the exact refresh, then the randomized one; each call returns the projector.
+
+    >>> [(case.group, case.name) for case in cases(96, 160, 16)]
+    [('refresh 96x160 r=16', 'exact'), ('refresh 96x160 r=16', 'randomized')]
+    """
+    group = f"refresh {m}x{n} r={rank}"
+    return [Case(group, method, partial(_refresh, rank=rank, method=method)) for method in ("exact", "randomized")]
+
+
+def captured_energy(projector: torch.Tensor, g_side: torch.Tensor) -> float:
+    """‖B·G'‖², in fp64: the part of the oriented gradient's energy that the projector B keeps.
+
+    >>> captured_energy(torch.eye(2, 3), torch.arange(9.0).reshape(3, 3))
+    55.0
+    """
+    return (projector.double() @ g_side.double()).square().sum().item()
+
+
+def measure(settings: ShapeSweep = SIZES["full"], device: str | torch.device = "cpu") -> Iterator[Row]:
     """One row per shape, yielded as it is measured."""
     for m, n, rank in settings.shapes:
         g = power_law_gradient(m, n, device=device)
-        side = resolve_side("std", (m, n))
-        exact_s = median_seconds(lambda: compute_projector(g, rank, side, method="exact"), settings.repeats, device)
-        rand_s = median_seconds(lambda: compute_projector(g, rank, side, seed=1), settings.repeats, device)
-        g_side = oriented(g, side)
-        energy = {
-            method: (compute_projector(g, rank, side, method=method, seed=1) @ g_side).double().square().sum().item()
-            for method in ("exact", "randomized")
-        }
-        yield Row(m, n, rank, 1e3 * exact_s, 1e3 * rand_s, energy["randomized"] / energy["exact"])
+        g_side = oriented(g, resolve_side("std", (m, n)))
+        ms, energy = {}, {}
+        for case in cases(m, n, rank):
+            call = case.prepare(g)
+            ms[case.name] = 1e3 * seconds_per_call(call, settings.timing)
+            energy[case.name] = captured_energy(call(), g_side)
+        yield Row(m, n, rank, ms["exact"], ms["randomized"], energy["randomized"] / energy["exact"])
 
 
 def format_row(row: Row) -> str:
@@ -66,7 +88,7 @@ def format_row(row: Row) -> str:
 
 def print_table(
     rows: Iterable[Row],
-    settings: Settings = SIZES["full"],
+    settings: ShapeSweep = SIZES["full"],
     device: str | torch.device = "cpu",
     file: TextIO | None = None,
 ) -> None:

@@ -10,23 +10,23 @@ after the first (state creation and the initial refresh). Without galore-torch i
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from typing import NamedTuple, TextIO
 
 import torch
 
 from ..optim import GaLoreAdamW
-from .cases import SMOKE_SHAPES, STEP_SHAPES, median_seconds, power_law_gradient, stream_table
-from .cases import ShapeSettings as Settings
+from .harness import SMOKE_SHAPES, STEP_SHAPES, Case, ShapeSweep, power_law_gradient, seconds_per_call, stream_table
 
 TITLE = "Optimizer step: our reference vs galore-torch"
 NOT_INSTALLED = "not installed"
 
 
 SIZES = {
-    "full": Settings(tuple(STEP_SHAPES), repeats=5),
-    "quick": Settings(tuple(STEP_SHAPES[:3]), repeats=3),
-    "smoke": Settings(tuple(SMOKE_SHAPES), repeats=1),
+    "full": ShapeSweep(tuple(STEP_SHAPES), repeats=5),
+    "quick": ShapeSweep(tuple(STEP_SHAPES[:3]), repeats=3),
+    "smoke": ShapeSweep(tuple(SMOKE_SHAPES), repeats=1),
 }
 
 
@@ -42,40 +42,49 @@ class Row(NamedTuple):
     ours_ms: float
 
 
-def _galore_torch():
-    """galore-torch's module, or None when it (or a dependency of it) cannot be imported."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import galore_torch
-    except ImportError:
-        return None
-    return galore_torch
-
-
-def _median_step_ms(cls, m: int, n: int, rank: int, refresh: bool, repeats: int, device, **kwargs) -> float:
-    weight = torch.nn.Parameter(torch.randn(m, n, device=device))
-    weight.grad = power_law_gradient(m, n, device=device)
-    # gap=1 refreshes on every step; a large gap never refreshes after the first step.
+def _step(gradient: torch.Tensor, rank: int, refresh: bool, optimizer: str) -> Callable[[], object]:
+    """``optimizer.step`` on one fp32 weight whose gradient is ``gradient``; ImportError without galore-torch."""
+    weight = torch.nn.Parameter(torch.randn(gradient.shape, device=gradient.device))
+    weight.grad = gradient
+    # gap=1 refreshes on every step; a large gap never refreshes after the first step (the warm-up call).
     group = {"params": [weight], "rank": rank, "update_proj_gap": 1 if refresh else 10**9, "scale": 0.25,
              "proj_type": "std"}
+    if optimizer == "ours":
+        return GaLoreAdamW([group], lr=1e-3, backend="torch").step
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # galore-torch's AdamW deprecation
-        opt = cls([group], lr=1e-3, **kwargs)
-    # median_seconds' warm-up call is the first step: state creation and the initial refresh.
-    return 1e3 * median_seconds(opt.step, repeats, device)
+        warnings.simplefilter("ignore")  # galore-torch's AdamW deprecation, and its dependencies' imports
+        import galore_torch
+
+        return galore_torch.GaLoreAdamW([group], lr=1e-3).step
 
 
-def measure(settings: Settings = SIZES["full"], device: str | torch.device = "cpu") -> Iterator[Row]:
+def cases(m: int, n: int, rank: int, refresh: bool) -> list[Case]:
+    """The rows of one shape and step kind: galore-torch, then ours; each call is one ``step()``.
+
+    >>> [(case.group, case.name) for case in cases(96, 160, 16, refresh=False)]
+    [('steady step 96x160 r=16', 'galore-torch'), ('steady step 96x160 r=16', 'ours')]
+    """
+    group = f"{'refresh' if refresh else 'steady'} step {m}x{n} r={rank}"
+    return [
+        Case(group, optimizer, partial(_step, rank=rank, refresh=refresh, optimizer=optimizer))
+        for optimizer in ("galore-torch", "ours")
+    ]
+
+
+def measure(settings: ShapeSweep = SIZES["full"], device: str | torch.device = "cpu") -> Iterator[Row]:
     """Two rows per shape (steady, refresh), yielded as they are measured."""
-    galore_torch = _galore_torch()
     for m, n, rank in settings.shapes:
+        g = power_law_gradient(m, n, device=device)
         for refresh in (False, True):
-            theirs = None
-            if galore_torch is not None:
-                theirs = _median_step_ms(galore_torch.GaLoreAdamW, m, n, rank, refresh, settings.repeats, device)
-            ours = _median_step_ms(GaLoreAdamW, m, n, rank, refresh, settings.repeats, device, backend="torch")
-            yield Row(m, n, rank, refresh, theirs, ours)
+            ms: dict[str, float | None] = {}
+            for case in cases(m, n, rank, refresh):
+                try:
+                    call = case.prepare(g)
+                except ImportError:
+                    ms[case.name] = None
+                    continue
+                ms[case.name] = 1e3 * seconds_per_call(call, settings.timing)
+            yield Row(m, n, rank, refresh, ms["galore-torch"], ms["ours"])
 
 
 def format_row(row: Row) -> str:
@@ -95,7 +104,7 @@ def format_row(row: Row) -> str:
 
 def print_table(
     rows: Iterable[Row],
-    settings: Settings = SIZES["full"],
+    settings: ShapeSweep = SIZES["full"],
     device: str | torch.device = "cpu",
     file: TextIO | None = None,
 ) -> None:

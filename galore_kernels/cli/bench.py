@@ -66,8 +66,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--repeats",
         type=_positive_int,
         metavar="N",
-        help="timed repetitions per row, the median reported (default: refresh 3, step 5, gpu 5 batches; "
-        "--quick: 1, 3, 5); layerwise times every step of its windows instead",
+        help="timed batches per row, the median per call reported (a batch is one call, 20 back-to-back calls "
+        "in gpu's step rows; default: refresh 3, step 5, gpu 5; --quick: 1, 3, 5); layerwise times every step "
+        "of its windows instead",
     )
     parser.set_defaults(run=run)
 

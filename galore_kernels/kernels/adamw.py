@@ -117,7 +117,8 @@ def adamw(
     else:
         columns += [params, params]  # unused by the fp32 kernel
     numels = tuple(p.numel() for p in params)
-    host_table = torch.tensor([[t.data_ptr() for t in column] for column in columns] + [list(numels)], dtype=torch.int64)
+    addresses = [[t.data_ptr() for t in column] for column in columns]
+    host_table = torch.tensor(addresses + [list(numels)], dtype=torch.int64)
     table = host_table.to(device)
     block_tensor, block_index = _block_map(numels, block, device)
     step_sizes = [hyper.step_size(s["step"]) for s in states]

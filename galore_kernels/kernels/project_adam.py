@@ -5,8 +5,8 @@ Reference: :func:`galore_kernels.reference.project_adam` and, for the epilogue a
 of computing it (:func:`adam_direction`): layer-wise accumulation sums projected gradients over several
 backward passes and then needs only the epilogue.
 
-One program owns a (BLOCK_R × BLOCK_K) tile of S and loops over d, accumulating it k-major. The epilogue loads that tile's
-moments (fp32, or 8-bit codes + absmax dequantized in registers), updates them, writes them back
+One program owns a (BLOCK_R × BLOCK_K) tile of S and loops over d, accumulating it k-major. The epilogue
+loads that tile's moments (fp32, or 8-bit codes + absmax dequantized in registers), updates them, writes them back
 (requantized with a fresh absmax per 256-column block: an 8-bit tile spans whole blocks) and writes N.
 G' = G or Gᵀ is read through strides, never copied. Hyper-parameters are runtime arguments, so nothing
 recompiles during training.

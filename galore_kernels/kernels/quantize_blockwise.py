@@ -3,9 +3,10 @@
 Reference: :func:`galore_kernels.quant.quantize_blockwise` and :func:`~galore_kernels.quant.dequantize_blockwise`.
 
 No optimizer path calls these: the fused kernels (project_adam, adamw) quantize in their epilogues with
-the device codebook of ``common/codebook.py``. They ship because they are that codebook alone: its test
-(tests/test_kernels_quantize_blockwise.py) pins the codes to the reference and to bitsandbytes with no
-GEMM or Adam arithmetic in front, so a code mismatch in a fused kernel is traced to one side or the other.
+the device codebook of ``common/codebook.py``. They ship because they are that codebook alone: their test
+(tests/test_kernels_quantize_blockwise.py) pins the codes to the reference (which tests/test_quant.py pins
+to bitsandbytes) with no GEMM or Adam arithmetic in front, so a code mismatch in a fused kernel is traced
+to the codebook or to the arithmetic before it.
 
 One program handles ROWS rows × one 256-element block; the last block of a row may be short (masked
 elements load as zero, which leaves the absmax unchanged).

@@ -42,7 +42,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         )
         loss.backward(); optimizer.step(); optimizer.zero_grad()
 
-    A gradient holding NaN or Inf skips that parameter's step (weights, moments and projector untouched),
+    A gradient holding NaN or Inf (or with a norm of at least 2^63, past which Adam's second moment could
+    overflow fp32) skips that parameter's step (weights, moments and projector untouched),
     counts it in ``state[p]["nonfinite_skips"]`` and warns once; ``nonfinite="raise"`` raises instead.
 
     Layer-wise (``layerwise=True``) each parameter steps inside backward as soon as its gradient is

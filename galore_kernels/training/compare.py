@@ -105,27 +105,28 @@ class RunResult:
         return self.validation[0][1]
 
 
-def tiny_llama(run_config: RunConfig, vocab_size: int) -> torch.nn.Module:
-    """A randomly initialised ``LlamaForCausalLM`` of ``run_config``'s size (transformers config, no download)."""
+def tiny_llama(settings: RunConfig, vocab_size: int) -> torch.nn.Module:
+    """A randomly initialised ``LlamaForCausalLM`` of ``settings``'s size (transformers config, no download)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=run_config.hidden_size,
-        intermediate_size=run_config.hidden_size * 11 // 4,  # Llama's 8/3·h rounded as 7B's 11008 = 2.6875·4096
-        num_hidden_layers=run_config.layers,
-        num_attention_heads=run_config.heads,
-        num_key_value_heads=run_config.heads // 2 if run_config.heads % 2 == 0 else run_config.heads,  # grouped-query when it divides
-        max_position_embeddings=run_config.seq_len,
+        hidden_size=settings.hidden_size,
+        intermediate_size=settings.hidden_size * 11 // 4,  # Llama's 8/3·h rounded as 7B's 11008 = 2.6875·4096
+        num_hidden_layers=settings.layers,
+        num_attention_heads=settings.heads,
+        # grouped-query attention when the head count divides
+        num_key_value_heads=settings.heads // 2 if settings.heads % 2 == 0 else settings.heads,
+        max_position_embeddings=settings.seq_len,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(run_config.seed)
+    torch.manual_seed(settings.seed)
     return LlamaForCausalLM(config)
 
 
-def make_optimizer(name: str, model: torch.nn.Module, run_config: RunConfig) -> torch.optim.Optimizer:
+def make_optimizer(name: str, model: torch.nn.Module, settings: RunConfig) -> torch.optim.Optimizer:
     """The optimizer ``name`` of :data:`OPTIMIZERS` for ``model``; :class:`Unavailable` if it cannot run."""
-    lr = run_config.learning_rate(name)
+    lr = settings.learning_rate(name)
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     if name == "adamw8bit":
@@ -136,19 +137,19 @@ def make_optimizer(name: str, model: torch.nn.Module, run_config: RunConfig) -> 
         return bnb.optim.AdamW8bit(model.parameters(), lr=lr, weight_decay=0.0)
     # galore-torch's recipe: the nn.Linear weights of attention and MLP blocks are projected, the rest is AdamW.
     groups = galore_param_groups(
-        model, ["self_attn", "mlp"], rank=run_config.rank, update_proj_gap=run_config.update_proj_gap, scale=run_config.scale
+        model, ["self_attn", "mlp"], rank=settings.rank, update_proj_gap=settings.update_proj_gap, scale=settings.scale
     )
     if name == "galore_adamw":
-        return GaLoreAdamW(groups, lr=lr, eps=1e-8, seed=run_config.seed)  # every optimizer here runs at eps 1e-8
+        return GaLoreAdamW(groups, lr=lr, eps=1e-8, seed=settings.seed)  # every optimizer here runs at eps 1e-8
     return GaLoreAdamW8bit(
-        groups, lr=lr, weight_decay=0.0, seed=run_config.seed, layerwise=name.endswith("_layerwise")
+        groups, lr=lr, weight_decay=0.0, seed=settings.seed, layerwise=name.endswith("_layerwise")
     )
 
 
-def _batches(tokens: torch.Tensor, run_config: RunConfig, count: int, seed: int) -> list[torch.Tensor]:
+def _batches(tokens: torch.Tensor, settings: RunConfig, count: int, seed: int) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(tokens) - run_config.seq_len, (count, run_config.batch_size), generator=gen)
-    return [torch.stack([tokens[s:s + run_config.seq_len] for s in row.tolist()]) for row in starts]
+    starts = torch.randint(0, len(tokens) - settings.seq_len, (count, settings.batch_size), generator=gen)
+    return [torch.stack([tokens[s:s + settings.seq_len] for s in row.tolist()]) for row in starts]
 
 
 def _grad_bytes(model: torch.nn.Module) -> int:
@@ -168,10 +169,10 @@ def _validation_loss(model: torch.nn.Module, batches: list[torch.Tensor], device
 
 
 def run_optimizer(
-    name: str, run_config: RunConfig, splits: TokenSplits, vocab_size: int, progress: Callable[[int, float], None]
+    name: str, settings: RunConfig, splits: TokenSplits, vocab_size: int, progress: Callable[[int, float], None]
 ) -> RunResult:
     """Train from the seed's initial weights with optimizer ``name``; ``progress(step, loss)`` after each step."""
-    model = tiny_llama(run_config, vocab_size).to(run_config.device)
+    model = tiny_llama(settings, vocab_size).to(settings.device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     peak = [0]
     holder: dict[str, torch.optim.Optimizer] = {}
@@ -188,22 +189,22 @@ def run_optimizer(
         held = opt.accumulation_bytes()[0] if hasattr(opt, "accumulation_bytes") else 0
         peak[0] = max(peak[0], weight_bytes + _grad_bytes(model) + held + state_size["bytes"])
 
-    on_cpu = run_config.device == "cpu"
+    on_cpu = settings.device == "cpu"
     # The hooks close over the model: removed at the end, or each run's model would outlive it.
     handles = [p.register_post_accumulate_grad_hook(observe) for p in model.parameters()] if on_cpu else []
-    holder["opt"] = optimizer = make_optimizer(name, model, run_config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / run_config.warmup_steps))
-    train_batches = _batches(splits.train, run_config, run_config.steps, run_config.seed + 1)
-    validation_batches = _batches(splits.validation, run_config, run_config.eval_batches, run_config.seed + 2)
-    validation = [(0, _validation_loss(model, validation_batches, run_config.device))]
+    holder["opt"] = optimizer = make_optimizer(name, model, settings)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / settings.warmup_steps))
+    train_batches = _batches(splits.train, settings, settings.steps, settings.seed + 1)
+    validation_batches = _batches(splits.validation, settings, settings.eval_batches, settings.seed + 2)
+    validation = [(0, _validation_loss(model, validation_batches, settings.device))]
     if not on_cpu:
-        torch.cuda.reset_peak_memory_stats(run_config.device)
+        torch.cuda.reset_peak_memory_stats(settings.device)
     losses: list[float] = []
     train_seconds = 0.0
     try:
         for step, batch in enumerate(train_batches, start=1):
             start = time.perf_counter()
-            batch = batch.to(run_config.device)
+            batch = batch.to(settings.device)
             loss = model(input_ids=batch, labels=batch).loss
             loss.backward()
             optimizer.step()
@@ -216,20 +217,20 @@ def run_optimizer(
                 train_seconds += time.perf_counter() - start
             if not math.isfinite(losses[-1]):
                 raise Diverged(step, losses[-1])
-            if step % run_config.eval_every == 0 or step == run_config.steps:
-                validation.append((step, _validation_loss(model, validation_batches, run_config.device)))
+            if step % settings.eval_every == 0 or step == settings.steps:
+                validation.append((step, _validation_loss(model, validation_batches, settings.device)))
             progress(step, losses[-1])
     finally:
         for handle in handles:
             handle.remove()
-    timed_tokens = (run_config.steps - 1) * run_config.batch_size * run_config.seq_len
+    timed_tokens = (settings.steps - 1) * settings.batch_size * settings.seq_len
     return RunResult(
         name=name,
-        lr=run_config.learning_rate(name),
+        lr=settings.learning_rate(name),
         train_losses=losses,
         validation=validation,
         tokens_per_second=timed_tokens / train_seconds if train_seconds else math.nan,
         state_bytes=_state_bytes(optimizer),
-        peak_bytes=torch.cuda.max_memory_allocated(run_config.device) if not on_cpu else peak[0],
+        peak_bytes=torch.cuda.max_memory_allocated(settings.device) if not on_cpu else peak[0],
         seconds=train_seconds,
     )

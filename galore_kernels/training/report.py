@@ -40,10 +40,10 @@ def table(results: list[RunResult], skipped: dict[str, str], device: str) -> str
     return "\n".join(lines)
 
 
-def write_json(path: Path, run_config: RunConfig, results: list[RunResult], skipped: dict[str, str], header: str) -> None:
+def write_json(path: Path, settings: RunConfig, results: list[RunResult], skipped: dict[str, str], header: str) -> None:
     payload = {
         "environment": header,
-        "config": dataclasses.asdict(run_config),
+        "config": dataclasses.asdict(settings),
         "results": [
             {
                 "name": r.name,

@@ -27,7 +27,7 @@ def dot_precision(*dtypes: torch.dtype) -> str:
     """tl.dot's input_precision: "tf32x3" when fp32 operands reach the product, "tf32" (unused) otherwise.
 
     Plain tf32 keeps 10 mantissa bits of each fp32 operand: S and the 8-bit absmax built from it would sit
-    ~1e-4 from the fp32 reference, beyond the 1e-6 absmax tolerance of DESIGN §7. tf32x3 splits each
+    ~1e-4 from the fp32 reference, beyond the 1e-6 absmax tolerance of docs/DESIGN.md §7. tf32x3 splits each
     operand into a tf32 head and tail and keeps fp32 accuracy on the tensor cores, at three MMAs instead
     of one; 16-bit operands are exact in one MMA.
     """
