@@ -41,14 +41,14 @@ def _compare_backends(shape, rank, dtype, min_8bit_size, device):
     w_torch = (0.02 * torch.randn(shape, generator=gen)).to(device=device, dtype=dtype)
     w_triton = w_torch.clone()
     w0 = w_torch.clone()
-    cfg = GaLoreConfig(rank=rank, update_proj_gap=GAP)
+    config = GaLoreConfig(rank=rank, update_proj_gap=GAP)
     group = {"rank": rank, "proj_type": "std"}
     s_torch = init_state(w_torch, group, param_seed=1, min_8bit_size=min_8bit_size)
     s_triton = init_state(w_triton, group, param_seed=1, min_8bit_size=min_8bit_size)
     for _ in range(STEPS):
         g = _low_rank_gradient(shape, gen, device, dtype)
-        functional.galore_adamw_step(w_torch, g, s_torch, HYPER, cfg, backend="torch")
-        functional.galore_adamw_step(w_triton, g, s_triton, HYPER, cfg, backend="triton")
+        functional.galore_adamw_step(w_torch, g, s_torch, HYPER, config, backend="torch")
+        functional.galore_adamw_step(w_triton, g, s_triton, HYPER, config, backend="triton")
     # Distance travelled, so that a lost or mis-scaled update cannot hide inside the weight's norm.
     moved_triton, moved_torch = (w_triton.double() - w0.double()), (w_torch.double() - w0.double())
     if dtype != torch.float32:

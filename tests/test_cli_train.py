@@ -101,10 +101,10 @@ def test_a_failing_or_missing_optimizer_keeps_the_other_runs(tmp_path, capsys, m
 
     real = compare.make_optimizer
 
-    def make_optimizer(name, model, cfg):
+    def make_optimizer(name, model, settings):
         if name == "galore_adamw":
             raise RuntimeError("boom")
-        return real(name, model, cfg)
+        return real(name, model, settings)
 
     monkeypatch.setattr(compare, "make_optimizer", make_optimizer)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails: "not installed"

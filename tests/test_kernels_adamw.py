@@ -30,7 +30,9 @@ def test_adamw_matches_reference(dtype, min_8bit_size, poisoned_empty):
     states = [init_state(p, {}, param_seed=0, min_8bit_size=min_8bit_size) for p in params]
     ref_params, ref_states = [p.clone() for p in params], copy.deepcopy(states)
     dev_params = [p.to(DEVICE, copy=True) for p in params]
-    dev_states = [{k: v.to(DEVICE, copy=True) if isinstance(v, torch.Tensor) else v for k, v in s.items()} for s in states]
+    dev_states = [
+        {k: v.to(DEVICE, copy=True) if isinstance(v, torch.Tensor) else v for k, v in s.items()} for s in states
+    ]
     # The launcher takes one moment format per launch; 8-bit states of tensors below min_8bit_size keep
     # fp32 moments and go in a launch of their own, as the optimizer buckets them.
     launches = {}

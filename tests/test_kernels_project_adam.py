@@ -24,11 +24,11 @@ MOMENTS = [pytest.param(None, id="fp32_moments"), pytest.param(16, id="8bit_mome
 def _warm_state(w, g, rank, proj_type, min_8bit_size, gen):
     """State after two reference steps (moments non-zero), ready for the step on ``g``."""
     state = init_state(w, {"rank": rank, "proj_type": proj_type}, param_seed=3, min_8bit_size=min_8bit_size)
-    cfg = GaLoreConfig(rank=rank, update_proj_gap=100, scale=SCALE, proj_type=proj_type)
+    config = GaLoreConfig(rank=rank, update_proj_gap=100, scale=SCALE, proj_type=proj_type)
     w = w.clone()
     for _ in range(2):
         noise = torch.rand(g.shape, generator=gen).to(g.dtype)
-        reference.galore_adamw_step(w, g * noise, state, HYPER, cfg)
+        reference.galore_adamw_step(w, g * noise, state, HYPER, config)
     return state
 
 

@@ -200,7 +200,9 @@ def test_nonfinite_gradient_skips_that_parameter(cls, kwargs, bad):
     params, groups = parameter_zoo()
     opt = cls(groups, lr=1e-2, **kwargs)
     run_steps(opt, params, 3)  # step 3 is a refresh step for the "wide" group: the projector must survive
-    snapshot = {k: {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in s.items()} for k, s in opt.state.items()}
+    snapshot = {
+        k: {n: v.clone() if isinstance(v, torch.Tensor) else v for n, v in s.items()} for k, s in opt.state.items()
+    }
     weights = {k: p.detach().clone() for k, p in params.items()}
     grads = zoo_gradients(params, 3)
     grads["wide"][2, 3] = bad

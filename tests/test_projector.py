@@ -154,7 +154,8 @@ def test_full_projectors_are_consistent(method):
     "kwargs, message",
     named_by_inputs([
         ({"rank": 0}, "rank must be an int >= 1"), ({"rank": -1}, "rank must be an int >= 1"),
-        ({"oversample": -6}, "oversample must be an int >= 0"), ({"power_iters": -1}, "power_iters must be an int >= 0"),
+        ({"oversample": -6}, "oversample must be an int >= 0"),
+        ({"power_iters": -1}, "power_iters must be an int >= 0"),
     ]),
 )
 def test_compute_projector_rejects_bad_arguments(kwargs, message):

@@ -50,14 +50,16 @@ def test_galore_step_matches_float64(dtype, shape, proj_type, svd):
     # off-diagonal entries are rounding noise that Adam's m/√v normalizes to ±1: a larger ε keeps that
     # step well conditioned enough to compare against float64.
     hyper = dataclasses.replace(HYPER, eps=1e-2) if proj_type == "full" else HYPER
-    cfg = GaLoreConfig(rank=6, update_proj_gap=3, scale=0.7, proj_type=proj_type, svd=svd, svd_oversample=4, svd_power_iters=1)
-    group = {"rank": cfg.rank, "proj_type": proj_type}
+    config = GaLoreConfig(
+        rank=6, update_proj_gap=3, scale=0.7, proj_type=proj_type, svd=svd, svd_oversample=4, svd_power_iters=1
+    )
+    group = {"rank": config.rank, "proj_type": proj_type}
     state = init_state(w, group, param_seed=5, min_8bit_size=None)
     w64 = w.double()
     oracle = Float64Adam(state["exp_avg"].shape)
     for _ in range(7):
         g = torch.randn(shape, generator=gen).to(dtype)
-        galore_adamw_step(w, g, state, hyper, cfg)
+        galore_adamw_step(w, g, state, hyper, config)
         # The projector is the one the step stored (tested on its own in test_projector.py).
         b = state["projector"].double()
         g64 = g.double()
@@ -68,7 +70,7 @@ def test_galore_step_matches_float64(dtype, shape, proj_type, svd):
             delta = b.T @ oracle.direction(b @ g64, hyper)
         else:  # right
             delta = (b.T @ oracle.direction(b @ g64.T, hyper)).T
-        w64 = oracle.apply(w64, cfg.scale * delta, hyper)
+        w64 = oracle.apply(w64, config.scale * delta, hyper)
         if dtype != torch.float32:
             w64 = w64.to(dtype).double()  # the weight is stored in its dtype after every step
     tol = FP32_INTERPRETER if dtype == torch.float32 else BF16_OPERANDS
@@ -117,14 +119,14 @@ def test_8bit_moments_follow_fp32_within_quantization_error():
     gen = torch.Generator().manual_seed(3)
     w8 = torch.randn(64, 96, generator=gen)
     w32 = w8.clone()
-    cfg = GaLoreConfig(rank=16)
+    config = GaLoreConfig(rank=16)
     group = {"rank": 16, "proj_type": "std"}
     s8 = init_state(w8, group, param_seed=1, min_8bit_size=256)
     s32 = init_state(w32, group, param_seed=1, min_8bit_size=None)
     assert s8["exp_avg"].dtype == torch.uint8 and s8["exp_avg_absmax"].shape == (16, 1)
     g = torch.randn(64, 96, generator=gen)
-    galore_adamw_step(w8, g, s8, HYPER, cfg)
-    galore_adamw_step(w32, g, s32, HYPER, cfg)
+    galore_adamw_step(w8, g, s8, HYPER, config)
+    galore_adamw_step(w32, g, s32, HYPER, config)
     m8 = dequantize_blockwise(s8["exp_avg"], s8["exp_avg_absmax"], signed=True)
     v8 = dequantize_blockwise(s8["exp_avg_sq"], s8["exp_avg_sq_absmax"], signed=False)
     # One step from zero: the moments are exact before requantization, so the weights agree to fp32

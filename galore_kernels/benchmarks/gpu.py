@@ -139,7 +139,9 @@ def _fused_kernels(g: torch.Tensor, rank: int, eight_bit: bool) -> Callable[[], 
 
 
 def _one_param_optimizer(name: str, w: torch.nn.Parameter, rank: int) -> torch.optim.Optimizer:
-    group = {"params": [w], "rank": rank, "update_proj_gap": 10**9, "scale": 0.25, "proj_type": "std"}
+    group = {
+        "params": [w], "rank": rank, "update_proj_gap": 10**9, "scale": GaLoreConfig.scale, "proj_type": "std"
+    }
     if name == "ours GaLoreAdamW8bit.step()":
         return GaLoreAdamW8bit([group], lr=1e-3, backend="triton")
     if name == "ours GaLoreAdamW.step()":
@@ -183,7 +185,7 @@ def _hybrid_step(g: torch.Tensor, rank: int) -> Callable[[], None]:
         s = (b @ oriented(g, side)).float()
         exp_avg.lerp_(s, 1 - HYPER.beta1)
         exp_avg_sq.mul_(HYPER.beta2).addcmul_(s, s, value=1 - HYPER.beta2)
-        direction = (exp_avg / (exp_avg_sq.sqrt() + HYPER.eps)).mul_(0.25).to(w.dtype)
+        direction = (exp_avg / (exp_avg_sq.sqrt() + HYPER.eps)).mul_(GaLoreConfig.scale).to(w.dtype)
         step_size = HYPER.step_size(10)
         if side == "left":
             w.addmm_(b.T, direction, alpha=-step_size)

@@ -16,6 +16,7 @@ from typing import NamedTuple, TextIO
 
 import torch
 
+from ..config import GaLoreConfig
 from ..optim import GaLoreAdamW
 from .harness import SMOKE_SHAPES, STEP_SHAPES, Case, ShapeSweep, power_law_gradient, seconds_per_call, stream_table
 
@@ -47,8 +48,8 @@ def _step(gradient: torch.Tensor, rank: int, refresh: bool, optimizer: str) -> C
     weight = torch.nn.Parameter(torch.randn(gradient.shape, device=gradient.device))
     weight.grad = gradient
     # gap=1 refreshes on every step; a large gap never refreshes after the first step (the warm-up call).
-    group = {"params": [weight], "rank": rank, "update_proj_gap": 1 if refresh else 10**9, "scale": 0.25,
-             "proj_type": "std"}
+    group = {"params": [weight], "rank": rank, "update_proj_gap": 1 if refresh else 10**9,
+             "scale": GaLoreConfig.scale, "proj_type": "std"}
     if optimizer == "ours":
         return GaLoreAdamW([group], lr=1e-3, backend="torch").step
     with warnings.catch_warnings():

@@ -29,7 +29,7 @@ through ``Trainer`` as usual; it reloads optimizer state with ``torch.load(..., 
 
 from __future__ import annotations
 
-import dataclasses
+import typing
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -55,7 +55,7 @@ OPTIMIZER_NAMES = ("galore_adamw", "galore_adamw_8bit", "galore_adamw_layerwise"
 
 # optim_args keys and the type a string value is converted to: galore-torch's four and our refresh knobs
 # go into the projected param group; the rest are constructor arguments.
-_GROUP_KEYS: dict[str, type] = {f.name: type(f.default) for f in dataclasses.fields(GaLoreConfig)}
+_GROUP_KEYS: dict[str, type] = typing.get_type_hints(GaLoreConfig)
 _OPTIMIZER_KEYS: dict[str, type] = {"refresh_schedule": str, "seed": int}
 # Clipping by the previous step's norm exists only in layer-wise mode; otherwise Trainer clips .grad itself.
 _LAYERWISE_KEYS: dict[str, type] = {"max_grad_norm": float}

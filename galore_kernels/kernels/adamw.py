@@ -122,9 +122,8 @@ def adamw(
     table = host_table.to(device)
     block_tensor, block_index = _block_map(numels, block, device)
     step_sizes = [hyper.step_size(s["step"]) for s in states]
-    for s in states:
-        s["step"] += 1
-    if block_tensor.numel() == 0:
+    if block_tensor.numel() == 0:  # empty tensors: nothing to update, but their step still counts
+        _advance_steps(states)
         return
     signed_map, signed_mids = code_tables(True, device)
     unsigned_map, unsigned_mids = code_tables(False, device)
@@ -138,3 +137,9 @@ def adamw(
             hyper.beta1, hyper.beta2, hyper.eps, hyper.decay,
             QUANTIZED=quantized, SOFTWARE_BF16_ROUNDING=interpreting(), BLOCK=block,
         )
+    _advance_steps(states)  # only once the launch is queued: a failed launch leaves the steps as they were
+
+
+def _advance_steps(states: list[dict[str, Any]]) -> None:
+    for s in states:
+        s["step"] += 1

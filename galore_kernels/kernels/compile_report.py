@@ -8,8 +8,11 @@ compile, spills, or needs more shared memory than the architecture has. Must run
 unset.
 
 The configurations are not written down here: the real launchers run on meta tensors (shapes, no
-storage) with each module's ``@triton.jit`` kernel replaced by a recorder, so the report compiles
-exactly the arguments, constexprs and warps a launch on those shapes would use.
+storage) with each module's ``@triton.jit`` kernel replaced by a recorder, and each distinct
+specialization Triton's launch would compile is compiled once: constexprs, warps, pointer types and
+16-byte alignment (from each tensor's offset; allocations are assumed aligned, as torch's are), ints
+equal to 1 as constants, ints divisible by 16 marked so. Keeping one row per constexpr set instead hid
+the spills of 5461-wide weights (see ``project_adam.tile_sizes``).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import itertools
 import os
 import re
 import subprocess
@@ -45,20 +49,38 @@ _TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "
 
 
 @dataclass(frozen=True)
+class Argument:
+    """A runtime argument as Triton's launch-time specialization sees it: its signature type (``*fp32`` for
+    a pointer), and whether it is divisible by 16 (a pointer's address, an int's value) or an int equal
+    to 1 (compiled as a constant)."""
+
+    name: str
+    type: str
+    divisible_by_16: bool = False
+    equals_one: bool = False
+    specialized: bool = True  # False for the arguments a kernel marks do_not_specialize
+
+
+@dataclass(frozen=True)
 class Launch:
-    """One recorded kernel launch: its launcher, the kernel, runtime arguments (tensors as their dtype),
-    constexprs and launch options (``num_warps``)."""
+    """One recorded kernel launch: its launcher, the kernel, runtime arguments, constexprs and launch
+    options (``num_warps``)."""
 
     launcher: str
     kernel: Any  # triton.runtime.jit.JITFunction
-    args: tuple[tuple[str, Any], ...]
+    args: tuple[Argument, ...]
     constexprs: tuple[tuple[str, Any], ...]
     options: tuple[tuple[str, Any], ...]
 
     def label(self) -> str:
-        pointers = ",".join(_TRITON_TYPES[v] for _, v in self.args if isinstance(v, torch.dtype))
+        """Constexprs, warps, pointer types (``!`` marks one not 16-byte aligned), and the ints compiled as
+        the constant 1 or known not to be divisible by 16: everything the compiled code depends on."""
+        pointers = ",".join(a.type[1:] + ("" if a.divisible_by_16 else "!") for a in self.args if a.type[0] == "*")
         consts = ",".join(f"{k}={v}" for k, v in self.constexprs)
-        return f"{consts} warps={self.num_warps} [{pointers}]"
+        ints = [a for a in self.args if a.type in ("i32", "i64")]
+        ones = ",".join(a.name for a in self.args if a.equals_one)
+        odd = ",".join(a.name for a in ints if a.specialized and not (a.divisible_by_16 or a.equals_one))
+        return f"{consts} warps={self.num_warps} [{pointers}] ones=[{ones}] not%16=[{odd}]"
 
     @property
     def num_warps(self) -> int:
@@ -100,18 +122,30 @@ def _recording(modules: list[ModuleType], calls: list[tuple[Any, tuple, dict]]) 
             setattr(module, name, kernel)
 
 
+def _argument(name: str, value: Any, specialize: bool) -> Argument:
+    if isinstance(value, torch.Tensor):
+        # The allocation itself is aligned; a view (a row of a table, say) is aligned by its offset.
+        aligned = value.storage_offset() * value.element_size() % 16 == 0
+        return Argument(name, "*" + _TRITON_TYPES[value.dtype], divisible_by_16=aligned)
+    if isinstance(value, float):
+        return Argument(name, "fp32")
+    kind = "i64" if value >= 2**31 else "i32"
+    if not specialize:
+        return Argument(name, kind, specialized=False)
+    return Argument(name, kind, divisible_by_16=value % 16 == 0, equals_one=value == 1)
+
+
 def _as_launch(launcher: str, kernel: Any, args: tuple, kwargs: dict) -> Launch:
     values = {**dict(zip(kernel.arg_names, args)), **{k: v for k, v in kwargs.items() if k in kernel.arg_names}}
-    constexpr = {p.name for p in kernel.params if p.is_constexpr}
-    runtime = tuple(
-        (name, values[name].dtype if isinstance(values[name], torch.Tensor) else values[name])
-        for name in kernel.arg_names if name not in constexpr
-    )
+    params = {p.name: p for p in kernel.params}
     return Launch(
         launcher,
         kernel,
-        runtime,
-        tuple((name, values[name]) for name in kernel.arg_names if name in constexpr),
+        tuple(
+            _argument(name, values[name], specialize=not params[name].do_not_specialize)
+            for name in kernel.arg_names if not params[name].is_constexpr
+        ),
+        tuple((name, values[name]) for name in kernel.arg_names if params[name].is_constexpr),
         tuple((k, v) for k, v in kwargs.items() if k not in kernel.arg_names),
     )
 
@@ -166,8 +200,10 @@ def launches() -> list[Launch]:
                     step_size=1e-3)
                 run(gaussian_sketch.gaussian_sketch, g_oriented, 2**40 + 7, rank + 8)
         for dtype in WEIGHT_DTYPES:
-            for min_8bit_size in (None, 0):
-                params = [meta(4096, dtype=dtype), meta(4096, 4096, dtype=dtype)]
+            # Its address tables are rows of one tensor: with an odd count of tensors every other row starts
+            # off a 16-byte boundary, which Triton compiles separately.
+            for min_8bit_size, count in itertools.product((None, 0), (2, 3)):
+                params = [meta(4096, dtype=dtype)] * (count - 1) + [meta(4096, 4096, dtype=dtype)]
                 states = [init_state(p, {}, param_seed=0, min_8bit_size=min_8bit_size) for p in params]
                 run(adamw.adamw, params, params, states, hyper)
             run(quantize_blockwise.quantize_blockwise, meta(4096, 11008, dtype=dtype), signed=True)
@@ -176,29 +212,19 @@ def launches() -> list[Launch]:
 
 
 def _source(launch: Launch):
-    """The ASTSource the JIT would build: ints equal to 1 become constants, and pointers and ints
-    divisible by 16 carry tt.divisibility, as Triton's launch-time specialization does (not for the
-    arguments a kernel marks ``do_not_specialize``)."""
+    """The ASTSource the JIT would build from the launch's specialization: ints equal to 1 become
+    constants, and pointers and ints divisible by 16 carry tt.divisibility."""
     from triton.compiler import ASTSource
 
     kernel = launch.kernel
-    params = {p.name: p for p in kernel.params}
     signature, constexprs, attrs = {}, dict(launch.constexprs), {}
-    for name, value in launch.args:
-        index = kernel.arg_names.index(name)
-        specialize = not params[name].do_not_specialize
-        if isinstance(value, torch.dtype):
-            signature[name] = "*" + _TRITON_TYPES[value]
-            attrs[(index,)] = [["tt.divisibility", 16]]
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        elif value == 1 and specialize:
-            signature[name] = "constexpr"
-            constexprs[name] = 1
-        else:
-            signature[name] = "i64" if value >= 2**31 else "i32"
-            if value % 16 == 0 and specialize:
-                attrs[(index,)] = [["tt.divisibility", 16]]
+    for arg in launch.args:
+        if arg.equals_one:
+            signature[arg.name], constexprs[arg.name] = "constexpr", 1
+            continue
+        signature[arg.name] = arg.type
+        if arg.divisible_by_16:
+            attrs[(kernel.arg_names.index(arg.name),)] = [["tt.divisibility", 16]]
     for name, _ in launch.constexprs:
         signature[name] = "constexpr"
     return ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)

@@ -116,11 +116,20 @@ def tile_sizes(r: int, k: int, quantized: bool) -> dict[str, int]:
     32 × 256 on 8 warps needs 182–228 registers and spills nothing
     (python -m galore_kernels.kernels.compile_report).
     With only 32 rows, the product runs k-major so that sm_90 still issues wgmma.
+
+    When k is not a multiple of 16 (Llama-1B's 5461-wide weights) the moment rows start at unaligned
+    addresses: loads and stores are not vectorized and every element keeps its own 64-bit address. The
+    tiles above then took 255 registers and spilled 352–1308 bytes (sm_80 and sm_90, every moment and
+    weight format); halving the rows to 16 elements per thread on 8 warps spills nothing (at most 236
+    registers, 8-bit; 208, fp32).
     """
+    aligned = k % 16 == 0
     if quantized:
-        return {"BLOCK_R": 16 if r <= 16 else 32, "BLOCK_K": BLOCK_SIZE, "BLOCK_D": 32, "num_warps": 8}
-    block_r = 16 if r <= 16 else 32 if r <= 32 else 64
-    return {"BLOCK_R": block_r, "BLOCK_K": 128, "BLOCK_D": 32, "num_warps": 8 if block_r == 64 else 4}
+        block_r = 16 if r <= 16 or not aligned else 32
+        return {"BLOCK_R": block_r, "BLOCK_K": BLOCK_SIZE, "BLOCK_D": 32, "num_warps": 8}
+    block_r = 16 if r <= 16 else 32 if r <= 32 or not aligned else 64
+    warps = 8 if block_r == 64 or not aligned else 4
+    return {"BLOCK_R": block_r, "BLOCK_K": 128, "BLOCK_D": 32, "num_warps": warps}
 
 
 def project_adam(

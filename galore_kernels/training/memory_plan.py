@@ -214,7 +214,8 @@ def build_meta_model(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
     except ImportError:
         raise
     except Exception as error:  # e.g. hidden_size <= 0 or an unknown rope_type: the config's fields
-        raise MemoryPlanError(f"cannot build a {config.model_type} model from this config: {_one_line(error)}") from None
+        message = f"cannot build a {config.model_type} model from this config: {_one_line(error)}"
+        raise MemoryPlanError(message) from None
     return model.to(dtype)
 
 
