@@ -28,6 +28,8 @@ def test_backproject_update_matches_reference(shape, side, dtype):
         direction = torch.randn(rank, k, generator=gen).to(dtype)
         expected = w.clone()
         reference.backproject_update(expected, b, direction, side, decay=DECAY, step_size=STEP_SIZE)
+        delta = b.double().T @ direction.double()
+        exact = w.double() * DECAY - STEP_SIZE * (delta if side == "left" else delta.T)
         w_dev = w.to(DEVICE)
         backproject_update(w_dev, b.to(DEVICE), direction.to(DEVICE), side, decay=DECAY, step_size=STEP_SIZE)
         assert w_dev.dtype == dtype
@@ -35,14 +37,12 @@ def test_backproject_update_matches_reference(shape, side, dtype):
             # A 16-bit weight moves by about an ulp: compare roundings, not norms, with the reference and
             # with the float64 result rounded once to the weight's dtype.
             assert_same_rounding(w_dev, expected)
-            delta = b.double().T @ direction.double()
-            exact = w.double() * DECAY - STEP_SIZE * (delta if side == "left" else delta.T)
             assert_same_rounding(w_dev, exact.to(dtype))
             continue
         assert rel_err(w_dev.cpu(), expected) <= tolerance(dtype), rank
+        assert rel_err(w_dev.cpu(), exact) <= tolerance(dtype), rank
         # On a zero weight the result is the product alone, free of the weight's own rounding; against
         # float64, so that the reference's own fp32 rounding is not part of the bar.
-        delta = b.double().T @ direction.double()
         zero = torch.zeros(shape, device=DEVICE)
         backproject_update(zero, b.to(DEVICE), direction.to(DEVICE), side, decay=DECAY, step_size=STEP_SIZE)
         assert rel_err(zero.cpu(), -STEP_SIZE * (delta if side == "left" else delta.T)) <= tolerance(dtype)
