@@ -75,11 +75,11 @@ def adamw(
     """AdamW on parameters without projection (one param group), fp32 or 8-bit moments as each state holds.
 
     The Triton path launches one multi-tensor kernel per (device, dtypes, moment format) bucket;
-    non-contiguous parameters take the reference.
+    non-contiguous and float64 parameters take the reference.
     """
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, (p, g, s) in enumerate(zip(params, grads, states)):
-        if resolve_backend(backend, p.device) == "torch" or not p.is_contiguous():
+        if resolve_backend(backend, p.device) == "torch" or not p.is_contiguous() or p.dtype == torch.float64:
             reference.adamw([p], [g], [s], hyper)
         else:
             buckets[(p.device, p.dtype, g.dtype, is_quantized(s))].append(i)
@@ -94,9 +94,14 @@ def adamw(
 
 
 def _runs_kernels(param: torch.Tensor, side: str, backend: str) -> bool:
-    """Whether a projected step runs the fused kernels: ``proj_type="full"`` and non-contiguous weights
-    take the reference on every backend."""
-    return resolve_backend(backend, param.device) == "triton" and side != "full" and param.is_contiguous()
+    """Whether a projected step runs the fused kernels: ``proj_type="full"``, non-contiguous and float64
+    weights take the reference on every backend (the kernels compute in fp32)."""
+    return (
+        resolve_backend(backend, param.device) == "triton"
+        and side != "full"
+        and param.is_contiguous()
+        and param.dtype != torch.float64
+    )
 
 
 def galore_adamw_step(

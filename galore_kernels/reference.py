@@ -11,11 +11,12 @@ signature, so each kernel is tested against the function of its own name (docs/D
 
 The 8-bit format's reference is :mod:`galore_kernels.quant` and the sketch's is
 :func:`galore_kernels.projector.gaussian_sketch`. These functions are never edited to fit a kernel.
-Every step computes in fp32 and writes the weight once in its own dtype.
+Every step computes in fp32 (float64 for float64 parameters) and writes the weight once in its own dtype.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from . import projector as proj
 from .config import AdamHyper, GaLoreConfig
 from .quant import quantize_blockwise
 from .rng import sketch_seed
-from .state import dequantized_moments, is_quantized, matrix_shape
+from .state import compute_dtype, dequantized_moments, is_quantized, matrix_shape
 
 __all__ = [
     "adam_direction",
@@ -69,12 +70,13 @@ def project_adam(
     projector: torch.Tensor, g_oriented: torch.Tensor, state: dict[str, Any], hyper: AdamHyper, scale: float
 ) -> torch.Tensor:
     """S = B·G' in fp32, then :func:`adam_direction` on it: returns N (r × k, fp32)."""
-    return adam_direction(projector.float() @ g_oriented.float(), state, hyper, scale)
+    dtype = compute_dtype(g_oriented.dtype)
+    return adam_direction(projector.to(dtype) @ g_oriented.to(dtype), state, hyper, scale)
 
 
 def _apply_update_(param: torch.Tensor, delta: torch.Tensor, decay: float, step_size: float) -> None:
-    """W ← W·decay − step_size·Δ in fp32, written once in W's dtype."""
-    weight = param.float()  # the parameter itself when it is fp32, a working copy otherwise
+    """W ← W·decay − step_size·Δ in fp32 (float64 for float64 W), written once in W's dtype."""
+    weight = param.to(compute_dtype(param.dtype))  # the parameter itself when fp32/fp64, else a working copy
     if decay != 1.0:
         weight.mul_(decay)
     weight.add_(delta.reshape(param.shape), alpha=-step_size)
@@ -89,7 +91,8 @@ def backproject_update(
 
     ``weight`` is m × n, or a ≥3-D tensor treated as (shape[0], rest) (the kernel takes 2-D views only).
     """
-    b, direction = projector.float(), direction.float()
+    dtype = compute_dtype(weight.dtype)
+    b, direction = projector.to(dtype), direction.to(dtype)
     # ΔW = (Bᵀ·N)ᵀ = Nᵀ·B on the right side: computing it in W's orientation keeps the weight update a
     # contiguous pass (adding a transposed 1024² delta measured 2 ms vs 0.3 ms on the CPU).
     delta = b.T @ direction if side == "left" else direction.T @ b
@@ -102,7 +105,8 @@ def adamw(
     """One AdamW step of parameters without projection, fp32 or 8-bit moments as each state holds."""
     for param, grad, state in zip(params, grads, states):
         t = state["step"]
-        direction = adam_direction(grad.float().reshape(state["exp_avg"].shape), state, hyper)
+        s = grad.to(compute_dtype(param.dtype)).reshape(state["exp_avg"].shape)
+        direction = adam_direction(s, state, hyper)
         _apply_update_(param, direction, hyper.decay, hyper.step_size(t))
         state["step"] = t + 1
 
@@ -119,7 +123,17 @@ def refresh_projector_(
 
     The sketch's seed is (parameter seed, step), so every backend and rerun draws the same Ω; a backend
     passes its own ``sketch`` to compute G'·Ω (the reference materializes Ω).
+
+    A gradient too small to define a subspace (all zeros, or entries in fp32's subnormal range on
+    average, where products flush to zero) would fix arbitrary coordinate axes for T − 1 steps: a
+    zero-initialized readout makes every upstream gradient exactly 0 at step 0. Such a gradient leaves
+    the projector as it is and moves the parameter's refresh schedule one step later, so the next step
+    refreshes; the T-step cadence continues from the refresh that happens.
     """
+    norm = torch.linalg.vector_norm(g, dtype=compute_dtype(g.dtype)).item()  # one sync, refresh steps only
+    if not norm > torch.finfo(torch.float32).tiny * math.sqrt(g.numel()):
+        state["refresh_offset"] = (state["step"] + 1) % config.update_proj_gap
+        return
     seed = sketch_seed(state["seed"], state["step"])
     kwargs = dict(method=config.svd, seed=seed, oversample=config.svd_oversample, power_iters=config.svd_power_iters)
     if side == "full":
@@ -132,10 +146,11 @@ def refresh_projector_(
 
 def project(state: dict[str, Any], g: torch.Tensor, side: str) -> torch.Tensor:
     """S = B·G' in fp32 (B·G·B_rightᵀ for ``full``): the gradient in the state's subspace, moment-shaped."""
-    b = state["projector"].float()
+    dtype = compute_dtype(g.dtype)
+    b = state["projector"].to(dtype)
     if side == "full":
-        return b @ g.float() @ state["projector_right"].float().T
-    return b @ proj.oriented(g, side).float()
+        return b @ g.to(dtype) @ state["projector_right"].to(dtype).T
+    return b @ proj.oriented(g, side).to(dtype)
 
 
 def galore_adamw_step_from_projection(
@@ -151,7 +166,8 @@ def galore_adamw_step_from_projection(
     direction = adam_direction(s, state, hyper, config.scale)
     step_size = hyper.step_size(t)
     if side == "full":
-        delta = state["projector"].float().T @ direction @ state["projector_right"].float()
+        dtype = direction.dtype
+        delta = state["projector"].to(dtype).T @ direction @ state["projector_right"].to(dtype)
         _apply_update_(param, delta, hyper.decay, step_size)
     else:
         backproject_update(param, state["projector"], direction, side, decay=hyper.decay, step_size=step_size)

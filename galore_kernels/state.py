@@ -27,7 +27,7 @@ import torch
 from .projector import effective_rank, resolve_side
 from .quant import BLOCK_SIZE, dequantize_blockwise
 
-__all__ = ["is_projected", "matrix_shape", "init_state", "is_quantized", "dequantized_moments"]
+__all__ = ["is_projected", "matrix_shape", "compute_dtype", "init_state", "is_quantized", "dequantized_moments"]
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
@@ -40,6 +40,12 @@ def is_projected(param: torch.Tensor, group: dict[str, Any]) -> bool:
 def matrix_shape(param: torch.Tensor) -> tuple[int, int]:
     """The 2-D shape a GaLore parameter is treated as: (shape[0], product of the rest)."""
     return param.shape[0], param.numel() // param.shape[0]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision a step of a ``dtype`` parameter computes in and keeps fp moments in: float64 for
+    float64 parameters (as torch.optim.AdamW keeps them), fp32 for every other dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def projector_dtype(param: torch.Tensor) -> torch.dtype:
@@ -61,11 +67,13 @@ def dequantized_moments(state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tens
     return m, v
 
 
-def _moments(shape: tuple[int, ...], device: torch.device, quantize: bool) -> dict[str, torch.Tensor]:
+def _moments(
+    shape: tuple[int, ...], device: torch.device, quantize: bool, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     if not quantize:
         return {
-            "exp_avg": torch.zeros(shape, dtype=torch.float32, device=device),
-            "exp_avg_sq": torch.zeros(shape, dtype=torch.float32, device=device),
+            "exp_avg": torch.zeros(shape, dtype=dtype, device=device),
+            "exp_avg_sq": torch.zeros(shape, dtype=dtype, device=device),
         }
     rows, k = shape
     absmax_shape = (rows, -(-k // BLOCK_SIZE))
@@ -101,7 +109,7 @@ def init_state(
     if not is_projected(param, group):
         numel = param.numel()
         shape = (1, numel) if quantize(numel) else tuple(param.shape)
-        state.update(_moments(shape, device, quantize(numel)))
+        state.update(_moments(shape, device, quantize(numel), compute_dtype(param.dtype)))
         return state
 
     m, n = matrix_shape(param)
@@ -118,5 +126,6 @@ def init_state(
         d, k = (m, n) if side == "left" else (n, m)
         state["projector"] = torch.zeros((r, d), dtype=dtype, device=device)
         moment_shape = (r, k)
-    state.update(_moments(moment_shape, device, quantize(moment_shape[0] * moment_shape[1])))
+    quantized = quantize(moment_shape[0] * moment_shape[1])
+    state.update(_moments(moment_shape, device, quantized, compute_dtype(param.dtype)))
     return state

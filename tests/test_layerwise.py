@@ -500,3 +500,52 @@ def test_checkpoints_from_before_refresh_offset_load():
     fresh = GaLoreAdamW(_groups(model), lr=1e-2)
     fresh.load_state_dict(save_and_load(saved))
     assert all(st["refresh_offset"] == 0 for st in fresh.state.values() if "seed" in st)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_second_step_without_optimizer_step_raises(k):
+    """The loop accumulates 2k micro-batches but the optimizer was told k (or step() was forgotten): the
+    parameter's second window must not step it again before optimizer.step()."""
+    model = _mlp()
+    opt = GaLoreAdamW(_groups(model), lr=1e-2, layerwise=True, accumulation_steps=k)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(k):
+        _mlp_loss(model, gen).backward()
+    with pytest.raises(RuntimeError, match="would step a second time since the last optimizer.step"):
+        for _ in range(k):
+            _mlp_loss(model, gen).backward()
+
+
+def test_optimizer_step_between_windows_allows_the_next_one():
+    model = _mlp()
+    opt = GaLoreAdamW(_groups(model), lr=1e-2, layerwise=True, accumulation_steps=2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for _ in range(2):
+            _mlp_loss(model, gen).backward()
+        opt.step()
+    assert all(opt.state[p]["step"] == 3 for p in model.parameters())
+
+
+def test_grad_scaler_is_refused_with_its_cause():
+    model = _mlp()
+    opt = GaLoreAdamW(_groups(model), lr=1e-2, layerwise=True)
+    scaler = torch.amp.GradScaler("cpu")
+    gen = torch.Generator().manual_seed(0)
+    scaler.scale(_mlp_loss(model, gen)).backward()
+    with pytest.raises(RuntimeError, match="layer-wise mode does not work with torch.amp.GradScaler"):
+        scaler.step(opt)
+
+
+def test_group_edits_are_checked_inside_backward_before_the_parameter_steps():
+    model = _mlp()
+    opt = GaLoreAdamW(_groups(model), lr=1e-2, layerwise=True)
+    gen = torch.Generator().manual_seed(0)
+    _mlp_loss(model, gen).backward()
+    opt.step()
+    opt.param_groups[1]["rank"] = 8
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="rank and proj_type are fixed"):
+        _mlp_loss(model, gen).backward()
+    projected = [p for p in model.parameters() if p.dim() == 2]
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before) if any(p is q for q in projected))

@@ -427,3 +427,199 @@ def test_tensor_lr_and_numpy_rank_are_accepted():
     w.grad = torch.randn(8, 6)
     opt.step()
     assert opt.state[w]["projector"].shape == (2, 6) and type(opt.param_groups[0]["rank"]) is int
+
+
+def test_float64_parameters_step_like_torch_adamw():
+    torch.manual_seed(0)
+    ours = torch.nn.Parameter(torch.randn(16, 8, dtype=torch.float64))
+    theirs = torch.nn.Parameter(ours.detach().clone())
+    # eps = 0: torch adds ε to √v̂, galore-torch's convention (ours) to √v; without it the two agree exactly.
+    opt = GaLoreAdamW([ours], lr=1e-2, eps=0.0, weight_decay=0.1)
+    reference = torch.optim.AdamW([theirs], lr=1e-2, eps=0.0, weight_decay=0.1)
+    for _ in range(10):
+        ours.grad = torch.randn_like(ours)
+        theirs.grad = ours.grad.clone()
+        opt.step()
+        reference.step()
+    assert opt.state[ours]["exp_avg"].dtype == torch.float64
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls, kwargs", OPTIMIZERS, ids=case_id)
+def test_float64_projected_parameters_step(cls, kwargs):
+    w = torch.nn.Parameter(torch.randn(64, 48, dtype=torch.float64))
+    opt = cls([{"params": [w], "rank": 4, "update_proj_gap": 3}], lr=1e-3, **kwargs)
+    start = w.detach().clone()
+    for _ in range(5):
+        w.grad = torch.randn_like(w)
+        opt.step()
+    assert w.dtype == torch.float64 and torch.isfinite(w).all() and not torch.equal(w, start)
+    # The step computes in float64: the update is not rounded to fp32 on its way into the weight.
+    assert not torch.equal(w, w.float().double())
+
+
+def test_a_zero_gradient_does_not_fix_the_projector():
+    """A zero-initialized readout makes the layer below get an all-zero gradient at step 0: no projector is
+    taken from it, and the next step with a gradient refreshes (and restarts the T-step cadence)."""
+    w = torch.nn.Parameter(torch.randn(32, 24))
+    opt = GaLoreAdamW([{"params": [w], "rank": 4, "update_proj_gap": 50, "svd": "exact"}], lr=1e-3)
+    w.grad = torch.zeros_like(w)
+    opt.step()
+    state = opt.state[w]
+    assert state["refresh_offset"] == 1 and not state["projector"].any()
+    gradient = torch.randn(32, 24)
+    w.grad = gradient.clone()
+    opt.step()
+    from galore_kernels.projector import compute_projector
+
+    torch.testing.assert_close(state["projector"], compute_projector(gradient, 4, "right", method="exact"))
+    w.grad = torch.randn(32, 24)
+    before = state["projector"].clone()
+    opt.step()
+    assert torch.equal(state["projector"], before)  # no refresh until step 51
+
+
+def test_a_subnormal_gradient_is_negligible_but_a_tiny_normal_one_is_not():
+    w = torch.nn.Parameter(torch.randn(32, 24))
+    opt = GaLoreAdamW([{"params": [w], "rank": 4}], lr=1e-3)
+    w.grad = torch.full_like(w, 1e-40)  # subnormal in fp32: products of it flush to zero
+    opt.step()
+    assert opt.state[w]["refresh_offset"] == 1
+    w.grad = torch.randn_like(w) * 1e-20
+    opt.step()
+    assert opt.state[w]["projector"].any()
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"rank": 8}, "rank and proj_type are fixed"),
+        ({"proj_type": "left"}, "rank and proj_type are fixed"),
+        ({"lr": float("nan")}, "lr must be a finite real number"),
+        ({"scale": float("nan")}, "scale must be a finite real number"),
+        ({"update_proj_gap": 0}, "update_proj_gap must be an int >= 1"),
+    ],
+    ids=named_by_inputs,
+)
+def test_group_edits_after_state_exists_raise_before_anything_changes(edit, message):
+    w = torch.nn.Parameter(torch.randn(32, 24))
+    b = torch.nn.Parameter(torch.randn(24))
+    opt = GaLoreAdamW([{"params": [b]}, {"params": [w], "rank": 4, "update_proj_gap": 5}], lr=1e-3)
+    w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
+    opt.step()
+    opt.param_groups[1].update(edit)
+    snapshot = (w.detach().clone(), b.detach().clone(), {k: v.clone() for k, v in opt.state[w].items() if
+                                                          isinstance(v, torch.Tensor)})
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+    assert torch.equal(w, snapshot[0]) and torch.equal(b, snapshot[1])
+    assert all(torch.equal(opt.state[w][k], v) for k, v in snapshot[2].items())
+
+
+def test_removing_rank_after_state_exists_raises():
+    w = torch.nn.Parameter(torch.randn(32, 24))
+    opt = GaLoreAdamW([{"params": [w], "rank": 4}], lr=1e-3)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    del opt.param_groups[0]["rank"]
+    with pytest.raises(ValueError, match="does not fit"):
+        opt.step()
+
+
+def test_valid_edits_of_schedule_values_are_taken():
+    w = torch.nn.Parameter(torch.randn(32, 24))
+    opt = GaLoreAdamW([{"params": [w], "rank": 4, "update_proj_gap": 5}], lr=1e-3)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    opt.param_groups[0].update(update_proj_gap=2, scale=0.5, lr=1e-4)
+    for _ in range(3):
+        w.grad = torch.randn_like(w)
+        opt.step()
+    assert opt.state[w]["step"] == 4
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda st: st.update(step=-1), "'step' must be an int >= 0"),
+        (lambda st: st["exp_avg"].fill_(float("nan")), "'exp_avg' holds NaN or Inf"),
+        (lambda st: st["exp_avg_sq"].fill_(float("inf")), "'exp_avg_sq' holds NaN or Inf"),
+    ],
+    ids=["negative-step", "nan-moment", "inf-moment"],
+)
+def test_loading_a_negative_step_or_nonfinite_moments_is_refused(corrupt, message):
+    w = torch.nn.Parameter(torch.randn(32, 24))
+    opt = GaLoreAdamW([{"params": [w], "rank": 4}], lr=1e-3)
+    w.grad = torch.randn_like(w)
+    opt.step()
+    saved = save_and_load(opt.state_dict())
+    corrupt(saved["state"][0])
+    with pytest.raises(ValueError, match=message):
+        opt.load_state_dict(saved)
+    assert opt.state[w]["step"] == 1 and torch.isfinite(opt.state[w]["exp_avg"]).all()
+
+
+def test_loading_another_optimizers_state_names_it():
+    w = torch.nn.Parameter(torch.randn(32, 24))
+    adamw = torch.optim.AdamW([w], lr=1e-3)
+    w.grad = torch.randn_like(w)
+    adamw.step()
+    opt = GaLoreAdamW([w], lr=1e-3)
+    with pytest.raises(ValueError, match="saved by torch.optim.AdamW"):
+        opt.load_state_dict(adamw.state_dict())
+    galore_torch = pytest.importorskip("galore_torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        theirs = galore_torch.GaLoreAdamW([{"params": [w], "rank": 4, "update_proj_gap": 200, "scale": 0.25,
+                                            "proj_type": "std"}], lr=1e-3)
+    theirs.step()
+    ours = GaLoreAdamW([{"params": [w], "rank": 4}], lr=1e-3)
+    with pytest.raises(ValueError, match="saved by galore-torch"):
+        ours.load_state_dict(theirs.state_dict())
+
+
+def test_a_parameter_that_keeps_skipping_warns_again_with_its_shape():
+    w = torch.nn.Parameter(torch.randn(32, 24))
+    opt = GaLoreAdamW([{"params": [w], "rank": 4}], lr=1e-3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(12):
+            w.grad = torch.full_like(w, float("nan"))
+            opt.step()
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 2
+    assert "(32, 24) has skipped its last 10 steps" in messages[1]
+
+
+def test_the_nonfinite_warning_points_at_the_callers_line():
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    opt = GaLoreAdamW([w], lr=1e-3)
+    w.grad = torch.full_like(w, float("nan"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    assert caught and caught[0].filename == __file__
+
+
+@pytest.mark.parametrize("svd", ["randomized", "exact"])
+def test_compiled_step_equals_eager_and_compiles_once(svd):
+    dynamo = pytest.importorskip("torch._dynamo")
+
+    def run(compiled):
+        torch.manual_seed(0)
+        w = torch.nn.Parameter(torch.randn(32, 24))
+        b = torch.nn.Parameter(torch.randn(24))
+        opt = GaLoreAdamW([{"params": [b]}, {"params": [w], "rank": 4, "update_proj_gap": 3, "svd": svd}], lr=1e-2)
+        step = torch.compile(opt.step) if compiled else opt.step
+        for _ in range(7):  # refreshes at steps 0, 3 and 6
+            w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
+            step()
+        return w.detach(), b.detach()
+
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    compiled = run(compiled=True)
+    graphs = dynamo.utils.counters["stats"]["unique_graphs"]
+    eager = run(compiled=False)
+    assert all(torch.equal(c, e) for c, e in zip(compiled, eager))
+    assert graphs <= 1  # at most the thin wrapper around step(), never a graph per step

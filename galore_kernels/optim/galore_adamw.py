@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from itertools import chain
@@ -98,6 +99,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self._grad_norm = GradNorm()
         self._stepped_in_backward: set[int] = set()  # ids of parameters a hook stepped since the last step()
         self._warned_nonfinite = False
+        self._consecutive_skips: dict[int, int] = {}  # id(param) → steps skipped in a row
+        # id(group) → the (rank, proj_type) its parameters' state was last checked against.
+        self._checked_layouts: dict[int, tuple[Any, Any]] = {}
+        self._groups_checked_in_backward: set[int] = set()  # ids of groups a hook checked since the last step()
         self._hooks = (
             LayerwiseHooks(accumulation_steps, backend, self._prepare, self._close_window, _check_grad)
             if layerwise
@@ -188,11 +193,22 @@ class GaLoreAdamW(torch.optim.Optimizer):
             )
 
     def _prepare(self, group: dict[str, Any], param: torch.Tensor) -> dict[str, Any]:
+        if id(group) not in self._groups_checked_in_backward:  # once per group and step, not per hook
+            self._check_group_edits(group)
+            self._groups_checked_in_backward.add(id(group))
         self._init_missing_state([(group, param)])
         return self.state[param]
 
     def _close_window(self, group: dict[str, Any], param: torch.Tensor, window: AccumulationWindow) -> None:
         """Step ``param`` from a layer-wise window: admit, record and clip its summed gradient, then step."""
+        if id(param) in self._stepped_in_backward:
+            raise RuntimeError(
+                f"a parameter of shape {tuple(param.shape)} would step a second time since the last "
+                f"optimizer.step(): layer-wise mode steps each parameter once every accumulation_steps="
+                f"{self.accumulation_steps} backward passes, and step() must be called once per optimizer step. "
+                "If the loop accumulates gradients over k micro-batches, build the optimizer with "
+                "accumulation_steps=k; otherwise call optimizer.step() after each step's backward passes"
+            )
         from_projection = window.full_sum is None
         grad = window.projected_sum if from_projection else window.full_sum
         (admitted,) = self._admit([(param, grad)], inside_backward=True)
@@ -214,7 +230,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
             return []
         device = gradients[0][1].device
         norms = torch.stack(
-            [torch.linalg.vector_norm(g, dtype=torch.float32).to(device) for _, g in gradients]
+            # float64 gradients keep their precision in the norm; past fp32's range a norm is refused anyway.
+            [torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)).to(device, torch.float32)
+             for _, g in gradients]
         ).tolist()
         admitted = [norm < _SKIP_NORM_THRESHOLD for norm in norms]  # NaN compares False
         if self.nonfinite == "raise" and not all(admitted):
@@ -238,6 +256,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if coef < 1.0:
             for _, grad in gradients:
                 grad.mul_(coef)
+        for param, _ in gradients:
+            self._consecutive_skips.pop(id(param), None)
         hyper = AdamHyper.from_group(group)
         plain = [(p, g) for p, g in gradients if not is_projected(p, group)]
         functional.adamw(
@@ -252,16 +272,36 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 step(param, grad, self.state[param], hyper, config, backend=self.backend)
 
     def _skip_nonfinite(self, param: torch.Tensor) -> None:
+        """Count a skipped step. Warn at the first skip of this optimizer, and again whenever one parameter
+        has skipped 10, 100, 1000, … steps in a row: a gradient that is non-finite at every step is a
+        broken run, not a spike."""
         self.state[param]["nonfinite_skips"] += 1
+        in_a_row = self._consecutive_skips.get(id(param), 0) + 1
+        self._consecutive_skips[id(param)] = in_a_row
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
-            warnings.warn(
+            message = (
                 "a gradient held NaN or Inf (or had a norm of at least 2^63): that parameter's step was "
-                "skipped and counted in its state as 'nonfinite_skips' (warned once per optimizer)",
-                RuntimeWarning,
-                stacklevel=3,
+                "skipped and counted in its state as 'nonfinite_skips' (warned once per optimizer, and again "
+                "when a parameter keeps skipping)"
             )
+        elif in_a_row >= 10 and math.log10(in_a_row).is_integer():
+            message = (
+                f"a parameter of shape {tuple(param.shape)} has skipped its last {in_a_row} steps: its gradient "
+                "held NaN or Inf (or had a norm of at least 2^63) at every one; check the loss, the learning "
+                "rate and any loss scaling"
+            )
+        else:
+            return
+        warnings.warn(message, RuntimeWarning, stacklevel=_caller_stacklevel())
 
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # torch.amp.GradScaler then hands step() its scale (as attributes) instead of unscaling .grad, which
+        # lets a layer-wise optimizer refuse it with a message of its own (see step()).
+        return self._hooks is not None
+
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss.
@@ -270,7 +310,21 @@ class GaLoreAdamW(torch.optim.Optimizer):
         it steps parameters whose accumulation window is still open (fewer than ``accumulation_steps``
         backward passes since their last step, e.g. at the end of an epoch) and parameters whose gradient
         was set without a hook firing, then records :attr:`last_grad_norm`. Call it once per step.
+
+        Edits to a param group are checked first: a value the constructor would refuse (a NaN ``lr``, say)
+        or a ``rank`` / ``proj_type`` change after its parameters have state raises ``ValueError`` before
+        anything changes. Under ``torch.compile`` the step runs eagerly (it is excluded from the graph): it
+        is already fused kernels and GEMMs, and its step counts and refresh schedule are host-side numbers
+        that would recompile every step.
         """
+        if self._hooks is not None and hasattr(self, "found_inf"):  # set by GradScaler.step (see above)
+            raise RuntimeError(
+                "layer-wise mode does not work with torch.amp.GradScaler: parameters step inside backward on "
+                "the scaled gradients, before the scaler can unscale them or skip an overflowing step; train "
+                "with bf16 autocast (no scaler needed) or use layerwise=False"
+            )
+        for group in self.param_groups:
+            self._check_group_edits(group)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -291,7 +345,28 @@ class GaLoreAdamW(torch.optim.Optimizer):
             self._apply(group, gradients, from_projection=False)
         self._grad_norm.finish()
         self._stepped_in_backward.clear()
+        self._groups_checked_in_backward.clear()
         return loss
+
+    def _check_group_edits(self, group: dict[str, Any]) -> None:
+        """Refuse a group edited into values the constructor would refuse, or out of its parameters' state
+        layout (``rank``, ``proj_type``, ``rank`` removed or added), before any parameter changes."""
+        check_group(group)
+        layout = (group.get("rank"), group.get("proj_type"))
+        if self._checked_layouts.get(id(group)) == layout:
+            return
+        for param in group["params"]:
+            state = self.state.get(param)
+            if state:
+                problem = _state_mismatch(state, param, group, self.min_8bit_size)
+                if problem is not None:
+                    raise ValueError(
+                        f"param group with rank={layout[0]!r}, proj_type={layout[1]!r}: a parameter of shape "
+                        f"{tuple(param.shape)} has state that does not fit it ({problem}); rank and proj_type "
+                        "are fixed once a parameter has state: put parameters that need other settings in a new "
+                        "optimizer, or restore the group's values"
+                    )
+        self._checked_layouts[id(group)] = layout
 
     def _refuse_second_gradients(self, work: list[tuple[dict[str, Any], torch.Tensor]]) -> None:
         """A parameter that stepped inside backward must not come with a gradient again in ``step()``."""
@@ -364,21 +439,69 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 }
 
 
+def _state_mismatch(
+    state: dict[str, Any], param: torch.Tensor, group: dict[str, Any], min_8bit_size: int | None
+) -> str | None:
+    """What differs between ``state`` and the state init_state would create for ``param`` in ``group``."""
+    expected = init_state(param.to("meta"), group, param_seed=0, min_8bit_size=min_8bit_size)
+    if set(state) != set(expected):
+        return f"entries {sorted(state)}, expected {sorted(expected)}"
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            got = state[key]
+            if not isinstance(got, torch.Tensor) or got.shape != value.shape or got.dtype != value.dtype:
+                found = (tuple(got.shape), got.dtype) if isinstance(got, torch.Tensor) else type(got).__name__
+                return f"{key!r} is {found}, expected {(tuple(value.shape), value.dtype)}"
+    return None
+
+
+def _foreign_optimizer(saved: dict[str, Any]) -> str | None:
+    """The optimizer a parameter's saved state comes from, when it is recognizably not ours."""
+    if "projector" in saved and not isinstance(saved["projector"], torch.Tensor):
+        return "galore-torch's GaLoreAdamW (its state holds GaLoreProjector objects)"
+    if "nonfinite_skips" not in saved and {"exp_avg", "exp_avg_sq", "step"} <= set(saved):
+        return "torch.optim.AdamW or Adam (exp_avg, exp_avg_sq and a step, none of this package's entries)"
+    return None
+
+
 def _check_saved_state(
     param_id: int, saved: dict[str, Any], param: torch.Tensor, group: dict[str, Any], min_8bit_size: int | None
 ) -> None:
-    """Raise ValueError unless ``saved`` has the tensors init_state would create for ``param``."""
-    expected = init_state(param.to("meta"), group, param_seed=0, min_8bit_size=min_8bit_size)
+    """Raise ValueError unless ``saved`` has the tensors init_state would create for ``param``, with a
+    non-negative step and finite values."""
     where = f"state of parameter {param_id} (shape {tuple(param.shape)})"
-    if set(saved) != set(expected):
-        raise ValueError(f"{where} has entries {sorted(saved)}, expected {sorted(expected)}: was it saved by "
-                         "the other optimizer class, or with different param groups?")
-    for key, value in expected.items():
-        if isinstance(value, torch.Tensor):
-            got = saved[key]
-            if not isinstance(got, torch.Tensor) or got.shape != value.shape or got.dtype != value.dtype:
-                found = (tuple(got.shape), got.dtype) if isinstance(got, torch.Tensor) else type(got).__name__
-                raise ValueError(f"{where}: {key!r} is {found}, expected {(tuple(value.shape), value.dtype)}")
+    foreign = _foreign_optimizer(saved)
+    if foreign is not None:
+        raise ValueError(
+            f"{where} was saved by {foreign}; GaLore optimizers load only their own state dicts: start this "
+            "optimizer from fresh state, or keep using the optimizer that saved it"
+        )
+    problem = _state_mismatch(saved, param, group, min_8bit_size)
+    if problem is not None:
+        raise ValueError(f"{where} has {problem}: was it saved by the other optimizer class, or with different "
+                         "param groups?")
+    for key in ("step", "nonfinite_skips"):
+        value = saved[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{where}: {key!r} must be an int >= 0, got {value!r}")
+    for key, value in saved.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{where}: {key!r} holds NaN or Inf; a checkpoint with non-finite state cannot resume")
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel that points a warning at the first frame outside this package and torch: the user's
+    line that called step() or backward()."""
+    import sys
+
+    package = __name__.split(".")[0]
+    level, frame = 1, sys._getframe(1)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        if module.split(".")[0] not in (package, "torch"):
+            return level
+        level, frame = level + 1, frame.f_back
+    return 1
 
 
 def _check_grad(param: torch.Tensor) -> None:
