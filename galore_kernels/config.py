@@ -62,6 +62,9 @@ class GaLoreConfig:
     svd: str = "randomized"
     svd_oversample: int = 8
     svd_power_iters: int = 2
+    # Each ≥3-D parameter of the group is a stack of matrices (experts × out × in, as transformers stores
+    # mixture-of-experts weights), each projected with its own projector; otherwise (shape[0], rest).
+    experts: bool = False
 
     @classmethod
     def from_group(cls, group: dict[str, Any]) -> GaLoreConfig:

@@ -93,14 +93,17 @@ def adamw(
         )
 
 
-def _runs_kernels(param: torch.Tensor, side: str, backend: str) -> bool:
+def _runs_kernels(param: torch.Tensor, side: str, backend: str, *, stacked: bool) -> bool:
     """Whether a projected step runs the fused kernels: ``proj_type="full"``, non-contiguous and float64
-    weights take the reference on every backend (the kernels compute in fp32)."""
+    weights take the reference on every backend (the kernels compute in fp32), and so do expert stacks:
+    their batched reference step is one bmm-based pass over all experts, no Python loop per expert, but
+    the fused kernels do one matrix at a time."""
     return (
         resolve_backend(backend, param.device) == "triton"
         and side != "full"
         and param.is_contiguous()
         and param.dtype != torch.float64
+        and not stacked
     )
 
 
@@ -118,15 +121,15 @@ def galore_adamw_step(
     The Triton path runs the randomized refresh with the in-kernel sketch, then ``project_adam`` and
     ``backproject_update``.
     """
-    g = grad.reshape(matrix_shape(param))
-    side = proj.resolve_side(config.proj_type, tuple(g.shape))
-    if not _runs_kernels(param, side, backend):
+    g = grad.reshape(matrix_shape(param, config.experts))
+    side = proj.resolve_side(config.proj_type, tuple(g.shape[-2:]))
+    if not _runs_kernels(param, side, backend, stacked=g.dim() == 3):
         reference.galore_adamw_step(param, grad, state, hyper, config)
         return
     from .kernels.gaussian_sketch import gaussian_sketch
     from .kernels.project_adam import project_adam
 
-    if proj.is_refresh_step(state["step"], config.update_proj_gap, state["refresh_offset"]):
+    if reference.needs_refresh(state, config):
         reference.refresh_projector_(state, g, side, config, sketch=gaussian_sketch)
     direction = project_adam(state["projector"], proj.oriented(g, side), state, hyper, config.scale)
     _backproject_update(param, direction, state, hyper, side)
@@ -158,8 +161,9 @@ def galore_adamw_step_from_projection(
     Triton path runs the ``adam_direction`` kernel (``project_adam``'s epilogue alone) and
     ``backproject_update``.
     """
-    side = proj.resolve_side(config.proj_type, matrix_shape(param))
-    if not _runs_kernels(param, side, backend):
+    shape = matrix_shape(param, config.experts)
+    side = proj.resolve_side(config.proj_type, shape[-2:])
+    if not _runs_kernels(param, side, backend, stacked=len(shape) == 3):
         reference.galore_adamw_step_from_projection(param, s, state, hyper, config)
         return
     from .kernels.project_adam import adam_direction

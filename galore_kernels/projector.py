@@ -1,7 +1,8 @@
 """Projector side, rank and refresh schedule, and the two ways to compute the projector (docs/DESIGN.md §3).
 
 Everything here works on tensors: the canonical projector is B (r × d) with orthonormal rows, applied
-as S = B · G' where G' = G for the left side and Gᵀ for the right side.
+as S = B · G' where G' = G for the left side and Gᵀ for the right side. A stack of matrices (experts ×
+m × n) gets a stack of projectors (experts × r × d) from the same batched computation.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ def effective_rank(rank: int, shape: tuple[int, int]) -> int:
 
 
 def _check_refresh_args(grad_2d: torch.Tensor, rank: int, oversample: int, power_iters: int) -> None:
-    if grad_2d.dim() != 2:
-        raise ValueError(f"expected a 2-D gradient, got shape {tuple(grad_2d.shape)}")
+    if grad_2d.dim() < 2:
+        raise ValueError(f"expected a 2-D gradient or a stack of them, got shape {tuple(grad_2d.shape)}")
     for name, value, minimum in (("rank", rank, 1), ("oversample", oversample, 0), ("power_iters", power_iters, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -74,10 +75,11 @@ def is_refresh_step(step: int, update_proj_gap: int, offset: int = 0) -> bool:
 
 
 def oriented(matrix: torch.Tensor, side: str) -> torch.Tensor:
-    """G' of docs/DESIGN.md §3: the matrix itself for the left side, its transpose (a view) for the right."""
+    """G' of docs/DESIGN.md §3: the matrix itself for the left side, its transpose (a view) for the right;
+    the last two dimensions of a stack."""
     if side not in SIDES:
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
-    return matrix if side == "left" else matrix.T
+    return matrix if side == "left" else matrix.mT
 
 
 def _orthonormal_columns(y: torch.Tensor) -> torch.Tensor:
@@ -92,9 +94,10 @@ Sketch = Callable[[torch.Tensor, int, int], torch.Tensor]
 def gaussian_sketch(g: torch.Tensor, seed: int, width: int) -> torch.Tensor:
     """Y = g·Ω (d × width, fp32) with Ω[i, j] = rng.randn(seed, i·width + j), materialized.
 
-    The Triton backend passes its own function computing the same Y without materializing Ω.
+    A stack of matrices shares one Ω: a Gaussian sketch needs only to be independent of the matrix it
+    sketches. The Triton backend passes its own function computing the same Y without materializing Ω.
     """
-    k = g.shape[1]
+    k = g.shape[-1]
     offsets = torch.arange(k * width, device=g.device, dtype=torch.int64)
     return g.float() @ rng.randn(seed, offsets).reshape(k, width)
 
@@ -102,23 +105,23 @@ def gaussian_sketch(g: torch.Tensor, seed: int, width: int) -> torch.Tensor:
 def _randomized_range(
     g: torch.Tensor, rank: int, *, seed: int, oversample: int, power_iters: int, sketch: Sketch
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Approximate top singular vectors of g (d × k): returns (U_r (d × r), Vh_r (r × k)), fp32."""
-    d, k = g.shape
+    """Approximate top singular vectors of g (d × k, or a stack): returns (U_r (d × r), Vh_r (r × k)), fp32."""
+    d, k = g.shape[-2:]
     width = min(rank + oversample, d, k)
     q = _orthonormal_columns(sketch(g, seed, width))
     g = g.float()
     previous = None
     for _ in range(power_iters):
         previous = q
-        z = _orthonormal_columns(g.T @ q)
+        z = _orthonormal_columns(g.mT @ q)
         q = _orthonormal_columns(g @ z)
     if previous is not None:
         # Keep the last two iterates (a two-block Krylov space) instead of the last one: on the slowly
         # decaying spectrum of the tests (1024×2816, σ_i ∝ i^-0.5, r = 128, p = 8, q = 2) the captured
         # top-r energy rises from 0.990 to 0.997 for one extra QR and a 2×-wide final SVD.
-        q = _orthonormal_columns(torch.cat([previous, q], dim=1))
-    small_u, _, small_vh = torch.linalg.svd(q.T @ g, full_matrices=False)
-    return q @ small_u[:, :rank], small_vh[:rank]
+        q = _orthonormal_columns(torch.cat([previous, q], dim=-1))
+    small_u, _, small_vh = torch.linalg.svd(q.mT @ g, full_matrices=False)
+    return q @ small_u[..., :rank], small_vh[..., :rank, :]
 
 
 def compute_projector(
@@ -132,7 +135,8 @@ def compute_projector(
     power_iters: int = GaLoreConfig.svd_power_iters,
     sketch: Sketch = gaussian_sketch,
 ) -> torch.Tensor:
-    """The canonical projector B (r × d, fp32, orthonormal rows) of a 2-D gradient, r = min(rank, m, n).
+    """The canonical projector B (r × d, fp32, orthonormal rows) of a 2-D gradient, r = min(rank, m, n); a
+    stack of gradients (E × m × n) gives a stack of projectors (E × r × d), each its matrix's own.
 
     ``method="exact"`` takes the top singular vectors from ``torch.linalg.svd`` of the gradient itself, as
     galore-torch does (Uᵀ rows for left, Vh rows for right), so signs match it. ``method="randomized"``
@@ -149,15 +153,15 @@ def compute_projector(
     _check_refresh_args(grad_2d, rank, oversample, power_iters)
     if side not in SIDES:
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
-    r = effective_rank(rank, tuple(grad_2d.shape))
+    r = effective_rank(rank, tuple(grad_2d.shape[-2:]))
     if method == "exact":
         u, _, vh = torch.linalg.svd(grad_2d.float(), full_matrices=False)
-        return (u[:, :r].T if side == "left" else vh[:r]).contiguous()
+        return (u[..., :r].mT if side == "left" else vh[..., :r, :]).contiguous()
     if method == "randomized":
         u_r, _ = _randomized_range(
             oriented(grad_2d, side), r, seed=seed, oversample=oversample, power_iters=power_iters, sketch=sketch
         )
-        return u_r.T.contiguous()
+        return u_r.mT.contiguous()
     raise ValueError(f"method must be one of {SVD_METHODS}, got {method!r}")
 
 

@@ -7,6 +7,7 @@ Per-parameter state holds tensors and plain numbers only, so ``torch.load(weight
 ``nonfinite_skips`` int, steps skipped: the gradient held NaN or Inf, or its norm reached 2^63
 ``seed``            int, the parameter's sketch seed (GaLore parameters)
 ``refresh_offset``  int in [0, T), the step of the parameter's refresh schedule (GaLore parameters)
+``pending_experts`` int bitmask of the experts still without a projector (expert stacks only)
 ``projector``       B (r × d): parameter dtype for 16-bit parameters, fp32 otherwise
 ``projector_right`` the right projector (r × n) of ``proj_type="full"``
 ``exp_avg``         first moment: fp32, or uint8 codes when ``exp_avg_absmax`` is present
@@ -14,7 +15,9 @@ Per-parameter state holds tensors and plain numbers only, so ``torch.load(weight
 ==================  ===========================================================================
 
 GaLore moments have shape (r, k); plain AdamW moments have the parameter's shape in fp32 and the flat
-row (1, numel) when quantized, which is bitsandbytes' blockwise layout. 8-bit codes use the row-block
+row (1, numel) when quantized, which is bitsandbytes' blockwise layout. An expert stack (E × m × n, in a
+group with ``experts=True``) keeps a projector stack (E, r, d) and moments (E, r, k), quantized as the
+(E·r, k) rows they are. 8-bit codes use the row-block
 format of :mod:`galore_kernels.quant`.
 """
 
@@ -27,7 +30,15 @@ import torch
 from .projector import effective_rank, resolve_side
 from .quant import BLOCK_SIZE, dequantize_blockwise
 
-__all__ = ["is_projected", "matrix_shape", "compute_dtype", "init_state", "is_quantized", "dequantized_moments"]
+__all__ = [
+    "is_projected",
+    "is_expert_stack",
+    "matrix_shape",
+    "compute_dtype",
+    "init_state",
+    "is_quantized",
+    "dequantized_moments",
+]
 
 _SIXTEEN_BIT = (torch.float16, torch.bfloat16)
 
@@ -37,8 +48,20 @@ def is_projected(param: torch.Tensor, group: dict[str, Any]) -> bool:
     return "rank" in group and param.dim() >= 2 and param.numel() > 0
 
 
-def matrix_shape(param: torch.Tensor) -> tuple[int, int]:
-    """The 2-D shape a GaLore parameter is treated as: (shape[0], product of the rest)."""
+def is_expert_stack(param: torch.Tensor, group: dict[str, Any]) -> bool:
+    """Whether ``param`` is projected as a stack of expert matrices: a 3-D parameter of an ``experts`` group."""
+    return bool(group.get("experts")) and param.dim() == 3 and is_projected(param, group)
+
+
+def matrix_shape(param: torch.Tensor, experts: bool = False) -> tuple[int, ...]:
+    """The shape a GaLore parameter is treated as: (shape[0], product of the rest), or (E, m, n) for a 3-D
+    parameter of an ``experts`` group.
+
+    >>> matrix_shape(torch.empty(4, 3, 2)), matrix_shape(torch.empty(4, 3, 2), experts=True)
+    ((4, 6), (4, 3, 2))
+    """
+    if experts and param.dim() == 3:
+        return tuple(param.shape)
     return param.shape[0], param.numel() // param.shape[0]
 
 
@@ -112,12 +135,22 @@ def init_state(
         state.update(_moments(shape, device, quantize(numel), compute_dtype(param.dtype)))
         return state
 
-    m, n = matrix_shape(param)
+    *stack, m, n = matrix_shape(param, experts=is_expert_stack(param, group))
     side = resolve_side(group["proj_type"], (m, n))
     r = effective_rank(group["rank"], (m, n))
     dtype = projector_dtype(param)
     state["seed"] = int(param_seed)
     state["refresh_offset"] = int(refresh_offset)
+    if stack:
+        d, k = (m, n) if side == "left" else (n, m)
+        state["pending_experts"] = 0
+        state["projector"] = torch.zeros((*stack, r, d), dtype=dtype, device=device)
+        quantized = quantize(stack[0] * r * k)
+        moments = _moments((stack[0] * r, k), device, quantized, compute_dtype(param.dtype))
+        if not quantized:  # fp32 moments keep the stack's shape; 8-bit ones are rows of blocks
+            moments = {key: value.view(*stack, r, k) for key, value in moments.items()}
+        state.update(moments)
+        return state
     if side == "full":
         state["projector"] = torch.zeros((r, m), dtype=dtype, device=device)
         state["projector_right"] = torch.zeros((r, n), dtype=dtype, device=device)

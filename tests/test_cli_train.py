@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -117,6 +118,87 @@ def test_a_failing_or_missing_optimizer_keeps_the_other_runs(tmp_path, capsys, m
 
     assert main(["train", "--optimizers", "adamw8bit", "--out", str(tmp_path / "none"), *SMALL]) == 1
     assert not (tmp_path / "none" / "loss_curves.png").exists()
+
+
+def test_lr_of_an_optimizer_not_selected_is_refused(tmp_path, capsys):
+    arguments = ["--optimizers", "adamw", "--lr", "galore_adamw=1e-2", "--steps", "1", *SMALL[2:]]
+    assert main(["train", "--out", str(tmp_path), *arguments]) == 2
+    err = capsys.readouterr().err
+    assert "galore_adamw is not selected; --optimizers selects adamw" in err and err.count("\n") == 1
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_a_repeated_optimizer_name_runs_once_in_its_first_place(tmp_path, capsys):
+    arguments = ["--optimizers", "galore_adamw,adamw,galore_adamw", "--steps", "2", *SMALL[2:]]
+    assert main(["train", "--out", str(tmp_path), *arguments]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [r["name"] for r in results] == ["galore_adamw", "adamw"]
+
+
+def _refuse_constant(name):
+    raise ValueError(f"not strict JSON: {name}")
+
+
+def test_one_step_has_no_nan_in_the_table_or_the_json(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    arguments = ["--optimizers", "adamw,galore_adamw", "--steps", "1", *SMALL[2:]]
+    assert main(["train", "--out", str(tmp_path), *arguments]) == 0
+    printed = capsys.readouterr().out
+    rows = printed.splitlines()[3:5]  # environment, settings, column names, then one row per optimizer
+    assert [row.split()[0] for row in rows] == ["AdamW", "GaLoreAdamW"]
+    for row in rows:  # step 1 is not timed, so there is no tokens/s
+        assert "nan" not in row.lower() and row.split()[5] == "n/a", row
+    assert "nan" not in (tmp_path / "results.txt").read_text().lower()
+    text = (tmp_path / "results.json").read_text()
+    results = json.loads(text, parse_constant=_refuse_constant)["results"]  # NaN, Infinity would raise
+    assert [r["tokens_per_second"] for r in results] == [None, None]
+    assert all(len(r["train_losses"]) == 1 and r["final_train_loss"] > 0 for r in results)
+
+
+def test_ctrl_c_writes_the_finished_runs_and_exits_130(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from galore_kernels.training import compare
+
+    real = compare.run_optimizer
+    calls = []
+
+    def run_optimizer(name, *args):
+        calls.append(name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(name, *args)
+
+    monkeypatch.setattr(compare, "run_optimizer", run_optimizer)
+    names = "adamw,galore_adamw,galore_adamw_8bit"
+    assert main(["train", "--optimizers", names, "--out", str(tmp_path), *SMALL]) == 130
+    captured = capsys.readouterr()
+    assert calls == ["adamw", "galore_adamw"]  # nothing runs after Ctrl-C
+    assert "galore-kernels train: interrupted during GaLoreAdamW; wrote the 1 finished run" in captured.err
+    assert "Traceback" not in captured.err
+    assert "GaLoreAdamW                   not run: interrupted" in captured.out
+    assert "GaLoreAdamW8bit               not run: interrupted before it started" in captured.out
+    assert "AdamW" in (tmp_path / "results.txt").read_text()
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["interrupted"] is True
+    assert [r["name"] for r in payload["results"]] == ["adamw"]
+    assert payload["skipped"] == {"galore_adamw": "interrupted", "galore_adamw_8bit": "interrupted before it started"}
+    assert (tmp_path / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("command", ["train", "memory", "bench"])
+def test_help_states_each_default_once(command, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # one line per option where it fits
+    with pytest.raises(SystemExit) as exit:
+        main([command, "--help"])
+    assert exit.value.code == 0
+    options = capsys.readouterr().out.split("\noptions:\n")[1]
+    # One block per option: its line starting "  -" and the help lines indented below it.
+    blocks = re.split(r"\n(?=  -)", options.strip("\n"))
+    assert len(blocks) > 3
+    for block in blocks:
+        assert block.count("default") <= 1, block
+        for empty in ("(default: None)", "(default: False)", "(default: [])"):
+            assert empty not in block, block
 
 
 def test_output_a_terminal_cannot_encode_is_escaped():

@@ -1,5 +1,6 @@
-"""The transformers integration: parameters selected as Trainer selects them, optim_args, and Trainer runs
-(loss, logged gradient norms, checkpoint resume) with each of the four optimizer names."""
+"""The transformers integration: parameters selected as Trainer selects them, optim_args, GaLoreTrainer's
+optimizer from TrainingArguments, and Trainer runs (loss, logged gradient norms, checkpoint resume) with
+each of the four optimizer names and with GaLoreTrainer."""
 
 import math
 import os
@@ -20,6 +21,7 @@ from case_ids import case_id, named_by_inputs
 from galore_kernels.integrations.transformers import (
     OPTIMIZER_NAMES,
     GaLoreGradNormCallback,
+    GaLoreTrainer,
     create_optimizer,
     galore_param_groups,
 )
@@ -114,6 +116,7 @@ def test_param_groups_skip_frozen_parameters():
     "target_modules, message",
     named_by_inputs([
         (["nonexistent"], r"'nonexistent'.*matches no nn.Linear.*q_proj"),
+        ("mlp", r"matches no nn.Linear module; a string is a regex.*\['mlp'\].*q_proj"),
         (r"model\.embed_tokens", r"matches no nn.Linear"),  # selects a module, but not an nn.Linear
         ([], r"matches no nn.Linear"),
         (["attn", "("], r"'\(' is not a valid regex"),
@@ -126,6 +129,36 @@ def test_param_groups_skip_frozen_parameters():
 def test_param_groups_reject_bad_targets(target_modules, message):
     with pytest.raises(ValueError, match=message):
         galore_param_groups(tiny_llama(), target_modules)
+
+
+def test_param_groups_string_target_suggests_the_list_form():
+    """A string is a regex for whole names: "attn" matches nothing, and the message names the list form."""
+    model = tiny_llama()
+    with pytest.raises(ValueError, match=r"a string is a regex that must match a whole module name.*"
+                                         r"pass a list, \['attn'\]"):
+        galore_param_groups(model, "attn")
+    with pytest.raises(ValueError, match="matches no nn.Linear") as error:
+        galore_param_groups(model, ["attn_nonexistent"])
+    assert "pass a list" not in str(error.value)
+    _, projected = galore_param_groups(model, ["attn"])  # what the message suggests works
+    assert _ids(projected["params"]) == {id(m.weight) for n, m in model.named_modules() if "attn." in n}
+
+
+def test_param_groups_split_by_decay_parameter_names():
+    """Trainer's convention: weight decay on the named parameters only, in every group, projected or not."""
+    model = torch.nn.ModuleDict({"proj": torch.nn.Linear(8, 8), "pre_norm": torch.nn.Linear(8, 8)})
+    groups = galore_param_groups(model, ["proj", "pre_norm"], rank=4, weight_decay=0.1,
+                                 decay_parameter_names=["proj.weight"])
+    named = {id(p): name for name, p in model.named_parameters()}
+    assert [(sorted(named[id(p)] for p in g["params"]), g["weight_decay"], g.get("rank")) for g in groups] == [
+        (["pre_norm.bias", "proj.bias"], 0.0, None),  # no plain parameter is decayed: that group is left out
+        (["proj.weight"], 0.1, 4),
+        (["pre_norm.weight"], 0.0, 4),  # an nn.Linear Trainer would not decay ("_norm") keeps no decay
+    ]
+    default = galore_param_groups(model, ["proj", "pre_norm"], rank=4, weight_decay=0.1)
+    assert [g["weight_decay"] for g in default] == [0.1, 0.1]  # without names: as before, decay everywhere
+    with pytest.raises(ValueError, match="decay_parameter_names must be a collection of names"):
+        galore_param_groups(model, ["proj"], decay_parameter_names="proj.weight")
 
 
 def test_param_groups_reject_targets_that_are_all_frozen():
@@ -234,6 +267,94 @@ def test_callback_checks_layerwise_setup(tmp_path):
         call("on_train_begin", create_optimizer(tiny_llama(), "galore_adamw", lr=1e-2))  # Trainer clips
 
 
+def _galore_trainer(tmp_path, model=None, **training_args):
+    """A GaLoreTrainer on a tiny Llama, its optimizer not built yet (train() builds it)."""
+    settings = {
+        "optim": "galore_adamw_8bit_layerwise",
+        "optim_target_modules": ["attn", "mlp"],
+        "optim_args": OPTIM_ARGS,
+        "gradient_accumulation_steps": ACCUMULATION,
+        "max_grad_norm": CLIP,
+    }
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], **{**settings, **training_args})
+    return GaLoreTrainer(model=tiny_llama() if model is None else model, args=args)
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_galore_trainer_reads_the_training_arguments(name, tmp_path):
+    from galore_kernels import GaLoreAdamW, GaLoreAdamW8bit
+
+    trainer = _galore_trainer(tmp_path, optim=name, learning_rate=3e-3, weight_decay=0.1, adam_beta1=0.8,
+                              adam_beta2=0.95, adam_epsilon=1e-7)
+    optimizer = trainer.create_optimizer()
+    layerwise = name in LAYERWISE
+    assert type(optimizer) is (GaLoreAdamW8bit if "8bit" in name else GaLoreAdamW)
+    assert optimizer.layerwise is layerwise
+    # Layer-wise, the optimizer accumulates and clips; otherwise Trainer does both on .grad.
+    assert optimizer.accumulation_steps == (ACCUMULATION if layerwise else 1)
+    assert optimizer.max_grad_norm == (CLIP if layerwise else None)
+    for group in optimizer.param_groups:
+        assert (group["lr"], group["betas"], group["eps"]) == (3e-3, (0.8, 0.95), 1e-7)
+    # Weight decay exactly where Trainer puts it: not on the norm weights (this Llama has no biases).
+    decayed = set(trainer.get_decay_parameter_names(trainer.model))
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    zero_decay = sorted(names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0.0 for p in g["params"])
+    assert zero_decay == sorted(set(names.values()) - decayed)
+    assert zero_decay and all("norm" in n for n in zero_decay)
+    assert all(g["weight_decay"] in (0.0, 0.1) for g in optimizer.param_groups)
+    # The projected weights are galore_param_groups' selection, with optim_args' keys.
+    projected = [g for g in optimizer.param_groups if "rank" in g]
+    assert [(g["rank"], g["update_proj_gap"], g["scale"], g["weight_decay"]) for g in projected] == [(8, GAP, 0.5, 0.1)]
+    assert _ids(projected[0]["params"]) == _ids(galore_param_groups(trainer.model, ["attn", "mlp"])[1]["params"])
+    # The grad-norm callback comes first, once, however often Trainer asks for the optimizer.
+    assert trainer.create_optimizer() is optimizer
+    callbacks = trainer.callback_handler.callbacks
+    assert isinstance(callbacks[0], GaLoreGradNormCallback) and callbacks[0].optimizer is optimizer
+    assert sum(isinstance(c, GaLoreGradNormCallback) for c in callbacks) == 1
+
+
+@pytest.mark.parametrize(
+    "training_args, expected",
+    [
+        ({"max_grad_norm": 0.0}, None),  # 0: no clipping, as in Trainer
+        ({"optim_args": f"{OPTIM_ARGS},max_grad_norm=0.5"}, 0.5),  # optim_args' value wins over Trainer's 1.0
+        ({"optim_args": {"max_grad_norm": 0.5}, "max_grad_norm": 0.0}, 0.5),
+    ],
+    ids=["args-0", "optim_args", "optim_args-dict"],
+)
+def test_galore_trainer_layerwise_clipping(training_args, expected, tmp_path):
+    assert _galore_trainer(tmp_path, **training_args).create_optimizer().max_grad_norm == expected
+
+
+def test_galore_trainer_leaves_other_optimizers_to_trainer(tmp_path):
+    trainer = _galore_trainer(tmp_path, optim="adamw_torch", optim_args=None, weight_decay=0.1)
+    model = tiny_llama()
+    reference = Trainer(model=model, args=trainer.args).create_optimizer()
+    optimizer = trainer.create_optimizer()
+    assert type(optimizer) is type(reference) is torch.optim.AdamW
+    assert _groups_without_params(optimizer) == _groups_without_params(reference)
+    assert [len(g["params"]) for g in optimizer.param_groups] == [len(g["params"]) for g in reference.param_groups]
+    assert not any(isinstance(c, GaLoreGradNormCallback) for c in trainer.callback_handler.callbacks)
+
+
+def test_galore_trainer_takes_a_given_optimizer_and_adds_the_callback(tmp_path):
+    model = tiny_llama()
+    optimizer = create_optimizer(model, "galore_adamw", OPTIM_ARGS, lr=1e-2)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])  # optim: Trainer's default
+    trainer = GaLoreTrainer(model=model, args=args, optimizers=(optimizer, None))
+    assert trainer.create_optimizer() is optimizer
+    assert trainer.callback_handler.callbacks[0].optimizer is optimizer
+
+
+def test_galore_trainer_needs_target_modules(tmp_path):
+    trainer = _galore_trainer(tmp_path, optim_target_modules=None)
+    with pytest.raises(ValueError, match=r"optim='galore_adamw_8bit_layerwise' needs TrainingArguments\."
+                                         r"optim_target_modules"):
+        trainer.create_optimizer()
+    with pytest.raises(ValueError, match=r"a string is a regex.*pass a list, \['attn'\]"):
+        _galore_trainer(tmp_path, optim_target_modules="attn").create_optimizer()
+
+
 def test_package_imports_without_transformers():
     """galore_kernels.integrations imports no framework; the transformers module says what to install."""
     code = (
@@ -254,12 +375,13 @@ def test_package_imports_without_transformers():
 class _Recorder(TrainerCallback):
     """What a report_to integration sees (the logs each on_log gets) and the optimizer's norm after each step."""
 
-    def __init__(self, optimizer):
-        self.optimizer = optimizer
+    def __init__(self, optimizer=None):
+        self.optimizer = optimizer  # None: the one Trainer builds, read at each step
         self.logs, self.norms = [], []
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.norms.append(self.optimizer.last_grad_norm)
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        # Trainer passes its optimizer in accelerate's wrapper, whose .optimizer is ours.
+        self.norms.append((self.optimizer or optimizer.optimizer).last_grad_norm)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         self.logs.append(dict(logs))
@@ -388,4 +510,57 @@ def test_trainer_resume_is_exact(name, optim_args, full_run, data, tmp_path, mon
     for (param_name, p), q in zip(run.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(p, q), param_name
     # The resumed run logs the same losses and gradient norms as the uninterrupted one, step for step.
+    assert _step_logs(resumed.trainer) == _step_logs(run.trainer)
+
+
+def _train_galore_trainer(data, output_dir, resume_from_checkpoint=None):
+    """Trainer's own GaLore recipe with GaLoreTrainer: every setting in TrainingArguments, Trainer's clipping on."""
+    args = TrainingArguments(
+        output_dir=str(output_dir), use_cpu=True, report_to=[], optim="galore_adamw_8bit_layerwise",
+        optim_target_modules=["attn", "mlp"], optim_args=OPTIM_ARGS, gradient_accumulation_steps=ACCUMULATION,
+        max_grad_norm=CLIP, max_steps=STEPS, per_device_train_batch_size=BATCH, learning_rate=1e-2,
+        weight_decay=0.01, logging_steps=1, save_strategy="steps", save_steps=SAVE_AT, dataloader_num_workers=0,
+        seed=0, disable_tqdm=True,
+    )
+    recorder = _Recorder()
+    trainer = GaLoreTrainer(model=tiny_llama(vocab_size=VOCAB, hidden_size=64, layers=2, seed=0), args=args,
+                            train_dataset=data, callbacks=[recorder])
+    with warnings.catch_warnings():
+        # The optimizer clips with TrainingArguments.max_grad_norm: the callback has nothing to warn about.
+        warnings.filterwarnings("error", message=".*max_grad_norm", category=UserWarning)
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    return SimpleNamespace(model=trainer.model, trainer=trainer, recorder=recorder, output_dir=output_dir)
+
+
+@pytest.fixture(scope="module")
+def galore_trainer_run(data, tmp_path_factory):
+    """The uninterrupted GaLoreTrainer run, trained once for the module (a 30-step Trainer run)."""
+    return _train_galore_trainer(data, tmp_path_factory.mktemp("galore_trainer"))
+
+
+@pytest.mark.slow
+def test_galore_trainer_learns_clips_and_logs_the_gradient_norm(galore_trainer_run):
+    run = galore_trainer_run
+    optimizer = run.trainer.callback_handler.callbacks[0].optimizer  # the callback GaLoreTrainer installed
+    assert type(optimizer).__name__ == "GaLoreAdamW8bit" and optimizer.layerwise
+    assert (optimizer.accumulation_steps, optimizer.max_grad_norm) == (ACCUMULATION, CLIP)  # from the arguments
+    logs = _step_logs(run.trainer)
+    losses = [record["loss"] for record in logs]
+    assert len(losses) == STEPS and all(math.isfinite(x) for x in losses)
+    assert losses[0] > 0.9 * math.log(VOCAB) and sum(losses[-5:]) / 5 < 0.6 * losses[0], losses
+    logged = [record["grad_norm"] for record in logs]
+    assert all(math.isfinite(x) and x > 0 for x in logged), logged
+    assert logged == run.recorder.norms  # the optimizer's norm, not Trainer's 0
+    assert [record["grad_norm"] for record in run.recorder.logs if "loss" in record] == logged  # report_to's too
+    assert logged[SAVE_AT - 1] > CLIP  # so the step after the resume point is clipped by a restored norm
+
+
+@pytest.mark.slow
+def test_galore_trainer_resume_is_exact(galore_trainer_run, data, tmp_path):
+    run = galore_trainer_run
+    checkpoint = run.output_dir / f"checkpoint-{SAVE_AT}"
+    resumed = _train_galore_trainer(data, tmp_path, resume_from_checkpoint=str(checkpoint))
+    assert resumed.trainer.state.global_step == STEPS
+    for (param_name, p), q in zip(run.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), param_name
     assert _step_logs(resumed.trainer) == _step_logs(run.trainer)

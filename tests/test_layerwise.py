@@ -511,6 +511,7 @@ def test_a_second_step_without_optimizer_step_raises(k):
     gen = torch.Generator().manual_seed(0)
     for _ in range(k):
         _mlp_loss(model, gen).backward()
+    assert all(opt.state[p]["step"] == 1 for p in model.parameters())
     with pytest.raises(RuntimeError, match="would step a second time since the last optimizer.step"):
         for _ in range(k):
             _mlp_loss(model, gen).backward()

@@ -15,6 +15,7 @@ from galore_kernels.training.memory_plan import (  # noqa: E402
     MODES,
     PAPER_LLAMA_7B,
     build_meta_model,
+    causal_lm_config,
     model_config,
     plan_memory,
     state_bytes,
@@ -117,7 +118,19 @@ def test_cli_prints_the_table(capsys):
         assert mode in out
     assert "6.74 B parameters" in out and "rank 1024" in out
     assert "58.0" in out and "21.3" in out
+    assert "note:" not in out and "text model" not in out  # rank 1024 < 4096: nothing clamped, GaLore saves
     assert max(len(line) for line in out.splitlines()) <= 100
+
+
+def test_plan_counts_the_weights_whose_rank_is_clamped():
+    config, _ = _tiny_llama(torch.bfloat16)
+    model = build_meta_model(config, torch.bfloat16)
+    # Per layer: q, o (64 x 64), k, v (32 x 64), gate, up (256 x 64), down (64 x 256); 2 layers.
+    for rank, full_rank, lowest in ((16, 0, 16), (32, 4, 32), (64, 14, 32), (1000, 14, 32)):
+        plan = plan_memory(model, rank=rank)
+        assert (plan.full_rank, plan.min_effective_rank) == (full_rank, lowest), rank
+    # At full rank GaLore keeps fp32 moments of the whole matrix plus a projector: more than AdamW's bf16.
+    assert plan.mode("GaLore").optimizer_state > plan.mode("AdamW").optimizer_state
 
 
 def _config_file(tmp_path, text):
@@ -135,6 +148,59 @@ def test_cli_reads_a_config_folder(tmp_path, capsys):
     assert "rank 16" in out and "fp32" in out and "paper" not in out
 
 
+TINY_LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "vocab_size": 128}
+
+
+def test_cli_notes_a_clamped_rank_and_no_saving(tmp_path, capsys):
+    path = _config_file(tmp_path, json.dumps(TINY_LLAMA))
+    assert main(["memory", "--model", path, "--rank", "128"]) == 0
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if line.startswith("note:")]
+    assert notes == [
+        ("note: rank 128 is clamped on 14 of 14 projected weights (min(m, n) ≤ rank; effective rank down to 64): "
+         "no compression there."),
+        "note: GaLore's optimizer state is 2.29× AdamW's at rank 128: GaLore saves nothing here.",
+        "note: 8-bit GaLore's optimizer state is 1.59× 8-bit Adam's at rank 128: 8-bit GaLore saves nothing here.",
+    ]
+    assert out.index("8-bit GaLore layer-wise") < out.index(notes[0])  # under the table
+
+    # Rank 16 (hidden_size // 4): GaLore saves, but 8-bit GaLore's 16 x 128 moments are below min_8bit_size
+    # and stay fp32, while 8-bit Adam quantizes the whole 64 x 128 ones.
+    assert main(["memory", "--model", path]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == [
+        "note: 8-bit GaLore's optimizer state is 1.13× 8-bit Adam's at rank 16: 8-bit GaLore saves nothing here."
+    ]
+
+
+VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+          "image_size": 28, "patch_size": 14}
+TEXT = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 256}
+MULTIMODAL = {
+    "gemma3": {"text_config": {"model_type": "gemma3_text", **TEXT},
+               "vision_config": {"model_type": "siglip_vision_model", **VISION}},
+    "llama4": {"text_config": {"model_type": "llama4_text", "intermediate_size_mlp": 128, "num_local_experts": 2,
+                               **TEXT},
+               "vision_config": {"model_type": "llama4_vision_model", **VISION}},
+}
+
+
+@pytest.mark.parametrize("model_type", MULTIMODAL)
+def test_a_multimodal_config_is_planned_as_its_text_model(model_type, tmp_path, capsys):
+    _config_file(tmp_path, json.dumps({"model_type": model_type, **MULTIMODAL[model_type]}))
+    config = model_config(str(tmp_path))
+    assert config.model_type == model_type and causal_lm_config(config).model_type == f"{model_type}_text"
+    model = build_meta_model(config, torch.bfloat16)
+    assert type(model).__name__.endswith("ForCausalLM")
+    assert not [name for name, _ in model.named_parameters() if "vision" in name]
+    assert main(["memory", "--model", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"({model_type}, text model {model_type}_text)" in out and "rank 16" in out
+    assert "text model: a multimodal config; its vision tower and projector are not counted." in out
+
+
 @pytest.mark.parametrize(
     "args, message",
     named_by_inputs([
@@ -148,6 +214,10 @@ def test_cli_reads_a_config_folder(tmp_path, capsys):
         (["--model", "{tmp}/config.json", "{file}", '{"hidden_size": 64}'], "model_type"),
         (["--model", "{tmp}/config.json", "{file}", '{"model_type": "nope"}'], "unknown model_type"),
         (["--model", "{tmp}/config.json", "{file}", '{"model_type": "t5"}'], "no causal-LM model"),
+        (["--model", "{tmp}/config.json", "{file}", '{"model_type": "qwen2_5_vl"}'],
+         "model_type 'qwen2_5_vl' (text model 'qwen2_5_vl_text') has no causal-LM model"),
+        (["--model", "{tmp}/config.json", "{file}", '{"model_type": "gemma3", "text_config": {"hidden_size": "x"}}'],
+         "invalid gemma3 config"),
         (["--model", "{tmp}/config.json", "{file}", '{"model_type": "llama", "vocab_size": "x"}'], "invalid llama"),
         (["--model", "llama-1b", "--target-modules", "nothing_matches"], "matches no nn.Linear"),
     ]),
@@ -163,3 +233,18 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, args, message):
     assert "\n" not in err and "Traceback" not in err and message in err, err
     assert err.startswith("galore-kernels memory: error:")
     assert captured.out == ""
+
+
+def test_mixtral_experts_are_projected_and_8bit_galore_state_is_below_8bit_adam(tmp_path, capsys):
+    config = {
+        "model_type": "mixtral", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+        "num_attention_heads": 8, "num_key_value_heads": 2, "num_local_experts": 8, "num_experts_per_tok": 2,
+        "vocab_size": 1024, "tie_word_embeddings": False,
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    plan = plan_memory(build_meta_model(model_config(str(path)), torch.bfloat16), rank=32)
+    # Each layer's two expert stacks (8 × 1024 × 256 and 8 × 256 × 512) count as 16 projected matrices.
+    assert plan.projected_params >= 2 * 8 * (1024 * 256 + 256 * 512)
+    assert plan.mode("8-bit GaLore").optimizer_state < plan.mode("8-bit Adam").optimizer_state
+    assert plan.mode("GaLore").optimizer_state < plan.mode("AdamW").optimizer_state

@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-__all__ = ["CLIError", "main"]
+__all__ = ["CLIError", "DefaultsHelpFormatter", "main"]
 
 PROG = "galore-kernels"
 
@@ -26,6 +26,21 @@ class CLIError(Exception):
     >>> str(CLIError("--rank must be >= 1, got 0"))
     '--rank must be >= 1, got 0'
     """
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that states each option's default once: argparse's ``ArgumentDefaultsHelpFormatter`` appends
+    "(default: …)" even when the help already says it in words, and for flags and empty lists, where
+    "(default: False)" and "(default: [])" say nothing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text, default = action.help or "", action.default
+        # identity, not ==: a default of 0 is worth stating, False is not
+        if "default" in text or any(default is empty for empty in (None, False, argparse.SUPPRESS)) or default == []:
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return f"{text} (default: %(default)s)"
+        return text
 
 
 class _Parser(argparse.ArgumentParser):

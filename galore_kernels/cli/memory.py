@@ -6,7 +6,7 @@ Example::
     galore-kernels memory --model path/to/config.json --dtype fp32 --tokens 2048
 
 The numbers come from :mod:`galore_kernels.training.memory_plan`: the model is built on the meta device, so
-nothing is downloaded or allocated.
+nothing is downloaded or allocated. A multimodal config (Gemma 3, Llama 4) is counted as its text model.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--model", required=True, metavar="NAME|PATH",
-        help="llama-7b, llama-1b, mistral-7b, or a transformers config.json (or a folder holding one)",
+        help="llama-7b, llama-1b, mistral-7b, or a transformers config.json (or a folder holding one); a "
+        "multimodal config (gemma3, llama4) is counted as its text model",
     )
     parser.add_argument(
         "--rank", type=int, default=None, metavar="R", help="GaLore rank (default: hidden_size // 4; 1024 for 7B)"
@@ -69,22 +70,53 @@ def run(args: argparse.Namespace) -> int:
     target_modules = targets[0] if targets in (["all-linear"], ["all_linear"]) else targets
     try:
         config = memory_plan.model_config(args.model)
-        rank = max(config.hidden_size // 4, 1) if args.rank is None else args.rank
         model = memory_plan.build_meta_model(config, getattr(torch, DTYPES[args.dtype]))
+        rank = args.rank
+        if rank is None:
+            hidden_size = getattr(model.config.get_text_config(decoder=True), "hidden_size", None)
+            if not isinstance(hidden_size, int):
+                raise CLIError(f"{args.model}: the config has no hidden_size to default --rank from: give --rank")
+            rank = max(hidden_size // 4, 1)
         plan = memory_plan.plan_memory(model, rank=rank, target_modules=target_modules, tokens=args.tokens)
     except memory_plan.MemoryPlanError as error:
         raise CLIError(str(error)) from None
-    print(_report(args.model, config.model_type, plan, args.dtype, tuple(targets)))
+    text_type = memory_plan.causal_lm_config(config).model_type
+    text_model = text_type if text_type != config.model_type else None
+    print(_report(args.model, config.model_type, text_model, plan, args.dtype, tuple(targets)))
     return 0
 
 
-def _report(model: str, model_type: str, plan: MemoryPlan, dtype: str, targets: tuple[str, ...]) -> str:
-    """The header, the table (modes as rows, GB) and the notes that say where each number comes from."""
+def _savings_notes(plan: MemoryPlan) -> list[str]:
+    """One line per way the chosen rank defeats GaLore: clamped ranks, state no smaller than Adam's."""
+    notes = []
+    if plan.full_rank:
+        low = f"; effective rank down to {plan.min_effective_rank}" if plan.min_effective_rank < plan.rank else ""
+        notes.append(
+            f"note: rank {plan.rank} is clamped on {plan.full_rank} of {plan.num_projected} projected weights "
+            f"(min(m, n) ≤ rank{low}): no compression there."
+        )
+    for galore, adam in (("GaLore", "AdamW"), ("8-bit GaLore", "8-bit Adam")):
+        ours, theirs = plan.mode(galore).optimizer_state, plan.mode(adam).optimizer_state
+        if ours >= theirs > 0:  # (0 only for a degenerate config, hidden_size 0)
+            notes.append(
+                f"note: {galore}'s optimizer state is {ours / theirs:.2f}× {adam}'s at rank {plan.rank}: "
+                f"{galore} saves nothing here."
+            )
+    return notes
+
+
+def _report(
+    model: str, model_type: str, text_model: str | None, plan: MemoryPlan, dtype: str, targets: tuple[str, ...]
+) -> str:
+    """The header, the table (modes as rows, GB), any note that GaLore saves nothing at this rank, and the
+    notes that say where each number comes from. ``text_model``: the model type counted for a multimodal
+    ``model_type``, None otherwise."""
     from ..training.memory_plan import PAPER_LLAMA_7B, PAPER_SETTINGS
 
     paper = PAPER_LLAMA_7B if model == PAPER_SETTINGS["model"] else {}
+    kind = f"{model_type}, text model {text_model}" if text_model else model_type
     lines = [
-        f"{model} ({model_type}): {plan.num_params / 1e9:.2f} B parameters in {plan.num_tensors} tensors, {dtype}",
+        f"{model} ({kind}): {plan.num_params / 1e9:.2f} B parameters in {plan.num_tensors} tensors, {dtype}",
         f"GaLore: rank {plan.rank} on {plan.num_projected} weights "
         f"({plan.projected_params / 1e9:.2f} B parameters)",
         f"activations for {plan.tokens} tokens (sequence length {plan.seq_len}); GB = 1e9 bytes",
@@ -101,6 +133,7 @@ def _report(model: str, model_type: str, plan: MemoryPlan, dtype: str, targets: 
         if row.mode in paper:
             line += f"{paper[row.mode] / GB:>8.1f}{(row.total / paper[row.mode] - 1) * 100:>+7.1f}%"
         lines.append(line)
+    lines += _savings_notes(plan)
     lines += [
         "",
         "optimizer state: the bytes of the state tensors each optimizer allocates (AdamW: torch.optim.AdamW;",
@@ -109,6 +142,8 @@ def _report(model: str, model_type: str, plan: MemoryPlan, dtype: str, targets: 
         f"layer-wise: one gradient alive at a time; the largest is {plan.largest_gradient}'s.",
         "activations: an estimate, Korthikanti et al. 2022's count without recomputation.",
     ]
+    if text_model:
+        lines.append("text model: a multimodal config; its vision tower and projector are not counted.")
     if paper:
         lines += [
             f"paper: {PAPER}, Llama 7B, one 256-token batch: BF16 AdamW",

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import CLIError
+from . import PROG, CLIError, DefaultsHelpFormatter
 
 if TYPE_CHECKING:
     from ..training.compare import RunConfig
@@ -22,7 +23,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     defaults = RunConfig()
     parser = subparsers.add_parser(
         "train",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         help="train a small Llama with AdamW, 8-bit Adam and the GaLore optimizers; compare loss, speed, memory",
         description=(
             "Train a small Llama-style model (transformers config, random init) on generated English-like text "
@@ -30,10 +31,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "and validation loss, tokens/s, optimizer-state bytes, peak memory: the allocator's on CUDA, weights + "
             "gradients + optimizer state on a CPU) and writes it with the loss "
             "curves (PNG) and all numbers (JSON) into the output folder. The defaults finish in about 2 minutes "
-            f"on 2 CPU cores. Optimizers: {', '.join(OPTIMIZERS)}."
+            f"on 2 CPU cores. Optimizers: {', '.join(OPTIMIZERS)}. Ctrl-C keeps and writes the finished runs (exit "
+            "status 130)."
         ),
     )
-    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated names (default: all)")
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS),
+                        help="comma-separated names, run in that order; a repeated name runs once (default: all)")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="optimizer steps per run")
     parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size, help="model width")
     parser.add_argument("--layers", type=int, default=defaults.layers, help="transformer blocks")
@@ -45,8 +48,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="GaLore T: steps between projector refreshes")
     parser.add_argument("--scale", "--alpha", type=float, default=defaults.scale, help="GaLore α (update scale)")
     parser.add_argument("--lr", action="append", default=[], metavar="NAME=VALUE",
-                        help="learning rate of one optimizer, e.g. --lr adamw=1e-3 (repeatable)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default: cpu)")
+                        help="learning rate of one selected optimizer, e.g. --lr adamw=1e-3 (repeatable; default: "
+                        + ", ".join(f"{name} {lr:g}" for name, (_, lr) in OPTIMIZERS.items()) + ")")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="initial weights, batches and sketches")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: ./{DEFAULT_OUT})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -58,7 +62,8 @@ def _config(args: argparse.Namespace) -> tuple[list[str], RunConfig]:
 
     from ..training.compare import OPTIMIZERS, RunConfig
 
-    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    # A repeated name runs once, at its first place: the same run twice would only double the time.
+    names = list(dict.fromkeys(n.strip() for n in args.optimizers.split(",") if n.strip()))
     unknown = [n for n in names if n not in OPTIMIZERS]
     if unknown or not names:
         raise CLIError(f"unknown optimizer {', '.join(unknown) or '(none given)'}; choose from {', '.join(OPTIMIZERS)}")
@@ -79,6 +84,8 @@ def _config(args: argparse.Namespace) -> tuple[list[str], RunConfig]:
         name, _, value = item.partition("=")
         if name not in OPTIMIZERS:
             raise CLIError(f"--lr {item!r}: unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+        if name not in names:
+            raise CLIError(f"--lr {item!r}: {name} is not selected; --optimizers selects {', '.join(names)}")
         try:
             lrs[name] = float(value)
         except ValueError:
@@ -139,28 +146,36 @@ def run(args: argparse.Namespace) -> int:
         f"α={settings.scale}; corpus {len(splits.train):,} training / {len(splits.validation):,} validation characters"
     )
     results, skipped = [], {}
+    interrupted, unfinished = False, []
     started = time.perf_counter()
-    with tqdm(total=settings.steps * len(names), disable=args.no_progress, unit="step", leave=False) as bar:
-        for name in names:
-            bar.set_description(OPTIMIZERS[name][0])
+    try:
+        with tqdm(total=settings.steps * len(names), disable=args.no_progress, unit="step", leave=False) as bar:
+            for name in names:
+                bar.set_description(OPTIMIZERS[name][0])
 
-            def progress(step: int, loss: float) -> None:
-                bar.update(1)
-                if step % 10 == 0:
-                    bar.set_postfix(loss=f"{loss:.3f}")
+                def progress(step: int, loss: float) -> None:
+                    bar.update(1)
+                    if step % 10 == 0:
+                        bar.set_postfix(loss=f"{loss:.3f}")
 
-            done = bar.n
-            try:
-                results.append(run_optimizer(name, settings, splits, tokenizer.vocab_size, progress))
-            except (Unavailable, Diverged) as reason:
-                skipped[name] = str(reason)
-            except Exception as error:  # one optimizer failing must not discard the others' finished runs
-                skipped[name] = f"failed: {type(error).__name__}: {' '.join(str(error).split())}"
-            bar.update(done + settings.steps - bar.n)
+                done = bar.n
+                try:
+                    results.append(run_optimizer(name, settings, splits, tokenizer.vocab_size, progress))
+                except (Unavailable, Diverged) as reason:
+                    skipped[name] = str(reason)
+                except Exception as error:  # one optimizer failing must not discard the others' finished runs
+                    skipped[name] = f"failed: {type(error).__name__}: {' '.join(str(error).split())}"
+                bar.update(done + settings.steps - bar.n)
+    except KeyboardInterrupt:  # Ctrl-C: the finished runs are kept and written, then exit 130 as shells do
+        interrupted = True
+        finished = {r.name for r in results} | set(skipped)
+        unfinished = [name for name in names if name not in finished]
+        for name in unfinished:
+            skipped[name] = "interrupted" if name == unfinished[0] else "interrupted before it started"
     report = table(results, skipped, settings.device)
     print(report)
     (folder / "results.txt").write_text(f"{header}\n{report}\n")
-    write_json(folder / "results.json", settings, results, skipped, header)
+    write_json(folder / "results.json", settings, results, skipped, header, interrupted=interrupted)
     if results:
         title = f"{settings.steps} steps, Llama h={settings.hidden_size} L={settings.layers}"
         plot_losses(folder / "loss_curves.png", results, title)
@@ -169,4 +184,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: validation loss did not fall for {', '.join(not_learning)}")
     written = [folder / "results.txt", folder / "results.json"] + ([folder / "loss_curves.png"] if results else [])
     print(f"{time.perf_counter() - started:.0f} s; wrote {', '.join(str(p) for p in written)}")
+    if interrupted:
+        during = f" during {OPTIMIZERS[unfinished[0]][0]}" if unfinished else ""
+        runs = f"{len(results)} finished run{'s' * (len(results) != 1)}"
+        print(f"{PROG} train: interrupted{during}; wrote the {runs}", file=sys.stderr)
+        return 130
     return 0 if results else 1

@@ -1,28 +1,26 @@
-"""Hugging Face ``transformers``: ``Trainer``-style optimizer names, the logged grad norm, and GaLore param
-groups (:func:`galore_param_groups`, from :mod:`galore_kernels.optim.param_groups`, re-exported here).
+"""Hugging Face ``transformers``: :class:`GaLoreTrainer`, ``Trainer``-style optimizer names, the logged grad
+norm, and GaLore param groups (:func:`galore_param_groups`, from :mod:`galore_kernels.optim.param_groups`,
+re-exported here).
 
-``Trainer`` builds GaLore optimizers from galore-torch; here the same names, ``optim_args`` and
-``optim_target_modules`` build this package's optimizers, which are handed to ``Trainer`` ready made::
+``Trainer`` builds GaLore optimizers from galore-torch; :class:`GaLoreTrainer` builds this package's
+from the same ``TrainingArguments``: ``Trainer``'s own GaLore recipe with one class name changed::
 
-    from transformers import Trainer, TrainingArguments
-    from galore_kernels.integrations.transformers import GaLoreGradNormCallback, create_optimizer
+    from transformers import TrainingArguments
+    from galore_kernels.integrations.transformers import GaLoreTrainer
 
-    args = TrainingArguments(output_dir="out", learning_rate=1e-2, gradient_accumulation_steps=4,
-                             max_grad_norm=0.0)  # Trainer's clipping finds no gradients layer-wise
-    model.to(args.device)  # first, as for any optimizer given to Trainer
-    optimizer = create_optimizer(
-        model, "galore_adamw_8bit_layerwise", "rank=128,update_proj_gap=200,scale=0.25,max_grad_norm=1.0",
-        lr=args.learning_rate, target_modules=["attn", "mlp"],
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
+    args = TrainingArguments(
+        output_dir="out", optim="galore_adamw_8bit_layerwise", optim_target_modules=["attn", "mlp"],
+        optim_args="rank=128,update_proj_gap=200,scale=0.25", gradient_accumulation_steps=4, max_grad_norm=1.0,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, None),
-                      callbacks=[GaLoreGradNormCallback(optimizer)])
+    trainer = GaLoreTrainer(model=model, args=args, train_dataset=data)
     trainer.train()
+
+For a custom loop, :func:`create_optimizer` builds the same optimizers from a name and ``optim_args``.
 
 Unlike ``Trainer``'s own layer-wise GaLore, which refuses gradient accumulation, the layer-wise names here
 accumulate: a parameter steps on its k-th backward pass, and ``Trainer``'s call to ``optimizer.step()``
 once per optimizer step closes the step (``Trainer``'s accelerate wrapper makes that call only at the
-end of an accumulation). Clipping is the optimizer's there (``max_grad_norm`` in ``optim_args``), and
+end of an accumulation). Clipping is the optimizer's there (``max_grad_norm``), and
 :class:`GaLoreGradNormCallback` logs the gradient norm ``Trainer`` cannot see. Checkpoints save and resume
 through ``Trainer`` as usual; it reloads optimizer state with ``torch.load(..., weights_only=True)``.
 """
@@ -31,14 +29,15 @@ from __future__ import annotations
 
 import typing
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 try:
-    from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+    from transformers.training_args import OptimizerNames
 except ImportError as error:  # the package itself needs no transformers; only this module does
     raise ImportError(
         "galore_kernels.integrations.transformers needs transformers (and accelerate for its Trainer): "
@@ -49,13 +48,16 @@ from ..config import GaLoreConfig
 from ..optim import GaLoreAdamW, GaLoreAdamW8bit
 from ..optim.param_groups import galore_param_groups
 
-__all__ = ["OPTIMIZER_NAMES", "galore_param_groups", "create_optimizer", "GaLoreGradNormCallback"]
+__all__ = ["OPTIMIZER_NAMES", "GaLoreTrainer", "galore_param_groups", "create_optimizer", "GaLoreGradNormCallback"]
 
 OPTIMIZER_NAMES = ("galore_adamw", "galore_adamw_8bit", "galore_adamw_layerwise", "galore_adamw_8bit_layerwise")
 
 # optim_args keys and the type a string value is converted to: galore-torch's four and our refresh knobs
 # go into the projected param group; the rest are constructor arguments.
-_GROUP_KEYS: dict[str, type] = typing.get_type_hints(GaLoreConfig)
+# (``experts`` is not one: galore_param_groups sets it on the group of expert stacks it finds by name.)
+_GROUP_KEYS: dict[str, type] = {
+    key: kind for key, kind in typing.get_type_hints(GaLoreConfig).items() if key != "experts"
+}
 _OPTIMIZER_KEYS: dict[str, type] = {"refresh_schedule": str, "seed": int}
 # Clipping by the previous step's norm exists only in layer-wise mode; otherwise Trainer clips .grad itself.
 _LAYERWISE_KEYS: dict[str, type] = {"max_grad_norm": float}
@@ -68,13 +70,18 @@ def create_optimizer(
     *,
     lr: float,
     weight_decay: float = 0.0,
+    betas: tuple[float, float] | None = None,
+    eps: float | None = None,
     target_modules: str | Sequence[str] = ("attn", "mlp"),
     gradient_accumulation_steps: int = 1,
+    decay_parameter_names: Collection[str] | None = None,
 ) -> torch.optim.Optimizer:
-    """This package's optimizer for a ``Trainer`` GaLore name, ready for ``Trainer(optimizers=(opt, None))``.
+    """This package's optimizer for a ``Trainer`` GaLore name, for a custom loop or ``Trainer(optimizers=...)``.
 
-    Unlike ``Trainer``'s own builder, ``betas`` and ``eps`` are the classes' defaults and ``weight_decay``
-    applies to both groups.
+    :class:`GaLoreTrainer` calls it with every argument read from ``TrainingArguments``. Called directly,
+    ``betas`` and ``eps`` left at None are the classes' defaults, and ``weight_decay`` applies to every
+    parameter unless ``decay_parameter_names`` (``trainer.get_decay_parameter_names(model)``) names
+    those to decay, as ``Trainer`` does (see :func:`galore_param_groups`).
 
     ``optim`` is one of ``OPTIMIZER_NAMES``: ``galore_adamw`` and ``galore_adamw_8bit`` give
     :class:`~galore_kernels.GaLoreAdamW` / :class:`~galore_kernels.GaLoreAdamW8bit`; the ``_layerwise``
@@ -87,10 +94,10 @@ def create_optimizer(
     ``proj_type`` and ``svd``, ``svd_oversample``, ``svd_power_iters`` (param-group keys of the projected
     group), ``refresh_schedule`` and ``seed`` (constructor arguments), and for layer-wise names
     ``max_grad_norm``: clipping by the previous step's global gradient norm, the clipping that works in
-    layer-wise mode (``TrainingArguments.max_grad_norm`` does nothing there, gradients being gone by the
-    time ``Trainer`` clips). String values are converted to int, float or str by key. Parameters are
-    grouped by :func:`galore_param_groups` with ``target_modules`` (``Trainer``'s
-    ``optim_target_modules``).
+    layer-wise mode (``Trainer``'s own clipping finds no gradients there, they being consumed inside
+    backward; :class:`GaLoreTrainer` passes ``TrainingArguments.max_grad_norm`` as this key). String
+    values are converted to int, float or str by key. Parameters are grouped by
+    :func:`galore_param_groups` with ``target_modules`` (``Trainer``'s ``optim_target_modules``).
 
     Raises ``ValueError`` for an unknown name or key, a value that does not convert, or a value the
     optimizer refuses (``rank=0``), naming it and what is accepted.
@@ -100,17 +107,31 @@ def create_optimizer(
         optimizer = create_optimizer(model, "galore_adamw_8bit", "rank=128,scale=0.25", lr=1e-2)
         trainer = Trainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, None))
     """
+    options = _optim_options(optim, optim_args)
+    groups = galore_param_groups(
+        model, target_modules, weight_decay=weight_decay, decay_parameter_names=decay_parameter_names
+    )
+    group_options = {key: options.pop(key) for key in list(options) if key in _GROUP_KEYS}
+    for group in groups:
+        if "rank" in group:  # the projected group(s)
+            group.update(group_options)
+    if optim.endswith("_layerwise"):
+        options.update(layerwise=True, accumulation_steps=gradient_accumulation_steps)
+    if betas is not None:
+        options["betas"] = betas
+    if eps is not None:
+        options["eps"] = eps
+    optimizer_class = GaLoreAdamW8bit if "_8bit" in optim else GaLoreAdamW
+    return optimizer_class(groups, lr=lr, weight_decay=weight_decay, **options)
+
+
+def _optim_options(optim: str, optim_args: str | Mapping[str, Any] | None) -> dict:
+    """The options ``optim_args`` gives name ``optim``, typed and checked against the keys it accepts."""
     if optim not in OPTIMIZER_NAMES:
         raise ValueError(f"optim must be one of {OPTIMIZER_NAMES}, got {optim!r}")
     layerwise = optim.endswith("_layerwise")
     accepted = {**_GROUP_KEYS, **_OPTIMIZER_KEYS, **(_LAYERWISE_KEYS if layerwise else {})}
-    options = _parse_optim_args(optim_args, accepted, optim)
-    groups = galore_param_groups(model, target_modules, weight_decay=weight_decay)
-    groups[1].update({key: options.pop(key) for key in list(options) if key in _GROUP_KEYS})
-    if layerwise:
-        options.update(layerwise=True, accumulation_steps=gradient_accumulation_steps)
-    optimizer_class = GaLoreAdamW8bit if "_8bit" in optim else GaLoreAdamW
-    return optimizer_class(groups, lr=lr, weight_decay=weight_decay, **options)
+    return _parse_optim_args(optim_args, accepted, optim)
 
 
 def _parse_optim_args(optim_args: str | Mapping[str, Any] | None, accepted: dict[str, type], optim: str) -> dict:
@@ -170,6 +191,7 @@ class GaLoreGradNormCallback(TrainerCallback):
     the ``callbacks=`` given to it, then the console printer. Given in ``callbacks=``, this one corrects
     ``state.log_history`` (so ``trainer_state.json``) and the console; for integrations to report the true
     norm too, put it first: ``trainer.callback_handler.callbacks.insert(0, callback)``.
+    :class:`GaLoreTrainer` does that itself.
 
     It also checks the layer-wise set-up when training starts. ``ValueError`` for: more than one process
     (the hooks would step before gradients are all-reduced), ``fp16=True`` (the GradScaler unscales after
@@ -236,3 +258,75 @@ class GaLoreGradNormCallback(TrainerCallback):
         # Trainer.log appends {**logs, "step": ...} to log_history just before calling on_log.
         if state.log_history and "loss" in state.log_history[-1]:
             state.log_history[-1]["grad_norm"] = norm
+
+
+class GaLoreTrainer(Trainer):
+    """``Trainer`` that builds this package's optimizer for the GaLore names of ``TrainingArguments.optim``.
+
+    The arguments are ``Trainer``'s own GaLore recipe: ``optim`` one of ``OPTIMIZER_NAMES``,
+    ``optim_target_modules`` (required, as in ``Trainer``) and ``optim_args`` (the keys of
+    :func:`create_optimizer`). From the rest it reads ``learning_rate``, ``weight_decay`` (on the
+    parameters ``get_decay_parameter_names`` names, so not on biases and norm weights, as ``Trainer``
+    does), ``adam_beta1``, ``adam_beta2``, ``adam_epsilon`` and ``gradient_accumulation_steps``. Any
+    other ``optim``, an optimizer given in ``optimizers=`` and ``optimizer_cls_and_kwargs=`` are
+    ``Trainer``'s as usual.
+
+    With a layer-wise name, ``max_grad_norm`` > 0 becomes the optimizer's ``max_grad_norm``, clipping by
+    the previous step's global norm; ``max_grad_norm`` in ``optim_args`` takes precedence, and 0 clips
+    nothing. ``Trainer``'s own clipping is left in place: it finds no gradients (they are consumed inside
+    backward) and changes nothing, its cost being that of the norm ``Trainer`` computes for its logs
+    either way.
+
+    For an optimizer of this package (built here or given in ``optimizers=``) it installs
+    :class:`GaLoreGradNormCallback` first among the callbacks, so that the logs, ``trainer_state.json``
+    and the ``report_to`` integrations get the optimizer's gradient norm in layer-wise mode, and the
+    layer-wise set-up is checked when training starts.
+
+    Example::
+
+        args = TrainingArguments(output_dir="out", optim="galore_adamw_8bit_layerwise",
+                                 optim_target_modules=["attn", "mlp"], optim_args="rank=128,scale=0.25",
+                                 gradient_accumulation_steps=4)
+        GaLoreTrainer(model=model, args=args, train_dataset=data).train()
+    """
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        # TrainingArguments holds optim as an OptimizerNames member, whose str() is "OptimizerNames.…".
+        name = OptimizerNames(self.args.optim).value
+        if self.optimizer is None and self.optimizer_cls_and_kwargs is None and name in OPTIMIZER_NAMES:
+            self.optimizer = self._create_galore_optimizer(self.model if model is None else model, name)
+        if isinstance(self.optimizer, GaLoreAdamW):
+            self._install_grad_norm_callback(self.optimizer)
+        # With self.optimizer set, Trainer only wraps it where it must (SageMaker model parallel).
+        return super().create_optimizer(model)
+
+    def _create_galore_optimizer(self, model: nn.Module, name: str) -> GaLoreAdamW:
+        args = self.args
+        if args.optim_target_modules is None:
+            raise ValueError(
+                f"optim={name!r} needs TrainingArguments.optim_target_modules, as in Trainer: e.g. ['attn', 'mlp'] "
+                "(modules whose name contains an entry) or 'all-linear'"
+            )
+        options = _optim_options(name, args.optim_args)
+        if name.endswith("_layerwise") and args.max_grad_norm > 0:
+            options.setdefault("max_grad_norm", args.max_grad_norm)
+        return create_optimizer(
+            model,
+            name,
+            options,
+            lr=args.learning_rate,
+            weight_decay=args.weight_decay,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+            target_modules=args.optim_target_modules,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            decay_parameter_names=self.get_decay_parameter_names(model),
+        )
+
+    def _install_grad_norm_callback(self, optimizer: GaLoreAdamW) -> None:
+        callbacks = self.callback_handler.callbacks
+        if any(isinstance(c, GaLoreGradNormCallback) and c.optimizer is optimizer for c in callbacks):
+            return
+        # One for an earlier optimizer (model_init builds a new one per train()) would report a stale norm.
+        callbacks[:] = [c for c in callbacks if not isinstance(c, GaLoreGradNormCallback)]
+        callbacks.insert(0, GaLoreGradNormCallback(optimizer))

@@ -68,6 +68,12 @@ def check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"svd must be one of {SVD_METHODS}, got {group['svd']!r}")
     _int("svd_oversample", group["svd_oversample"], 0)
     _int("svd_power_iters", group["svd_power_iters"], 0)
+    if not isinstance(group["experts"], bool):
+        raise ValueError(f"experts must be True or False, got {group['experts']!r}")
+    if group["experts"] and group["proj_type"] == "full":
+        raise ValueError(
+            "proj_type='full' is not supported with experts=True; use 'std', 'reverse_std', 'left' or 'right'"
+        )
 
 
 def check_layerwise(layerwise: Any, accumulation_steps: Any, refresh_schedule: Any, max_grad_norm: Any) -> None:

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from .. import functional
+from .. import functional, reference
 from .. import projector as proj
+from ..config import GaLoreConfig
 from ..state import is_projected, matrix_shape
 
 __all__ = ["AccumulationWindow", "LayerwiseHooks"]
@@ -148,8 +149,8 @@ class LayerwiseHooks:
         if self._keeps_full_gradient(group, param, state):
             window.add_full(grad)
         else:
-            g = grad.reshape(matrix_shape(param))
-            side = proj.resolve_side(group["proj_type"], tuple(g.shape))
+            g = grad.reshape(matrix_shape(param, group.get("experts", False)))
+            side = proj.resolve_side(group["proj_type"], tuple(g.shape[-2:]))
             window.add_projected(functional.project_gradient(state, g, side, backend=self._backend))
         del grad  # the full gradient is released here, before the step
         if window.count == self.accumulation_steps:
@@ -158,4 +159,4 @@ class LayerwiseHooks:
     def _keeps_full_gradient(self, group: dict[str, Any], param: torch.Tensor, state: dict[str, Any]) -> bool:
         if self.accumulation_steps == 1 or not is_projected(param, group):
             return True  # nothing to sum (k = 1) or nothing to project into
-        return proj.is_refresh_step(state["step"], group["update_proj_gap"], state["refresh_offset"])
+        return reference.needs_refresh(state, GaLoreConfig.from_group(group))

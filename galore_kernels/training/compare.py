@@ -79,7 +79,8 @@ class RunConfig:
 
 @dataclass
 class RunResult:
-    """One optimizer's run: its curves and measurements (tokens/s leaves out step 1's one-time costs)."""
+    """One optimizer's run: its curves and measurements (tokens/s leaves out step 1's one-time costs, so a
+    1-step run's is NaN: the report prints it as "n/a" and writes null)."""
 
     name: str
     lr: float

@@ -12,6 +12,9 @@ so the numbers are exact for weights, gradients and optimizer state; activations
 ``8-bit GaLore layer-wise``  8-bit GaLore with ``layerwise=True``: one gradient alive at a time
 ===========================  ==============================================================================
 
+A composite (multimodal) config, such as Gemma 3's or Llama 4's, is planned as its text model: the
+causal LM of its ``text_config`` (:func:`causal_lm_config`); the vision tower is left out.
+
 Example::
 
     config = model_config("llama-7b")
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +38,7 @@ from torch import nn
 from ..config import GROUP_DEFAULTS
 from ..optim import GaLoreAdamW8bit
 from ..optim.param_groups import galore_param_groups
-from ..state import init_state
+from ..state import init_state, matrix_shape
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -48,6 +52,7 @@ __all__ = [
     "ModeMemory",
     "MemoryPlan",
     "model_config",
+    "causal_lm_config",
     "build_meta_model",
     "plan_memory",
     "activation_bytes",
@@ -115,7 +120,9 @@ class MemoryPlan:
 
     ``projected_params`` counts the elements of the weights GaLore projects (``num_projected`` tensors);
     ``largest_gradient`` names the parameter whose gradient layer-wise mode holds at its peak;
-    ``seq_len`` is the sequence length the activation estimate assumes.
+    ``seq_len`` is the sequence length the activation estimate assumes. ``full_rank`` counts the projected
+    weights with min(m, n) ≤ ``rank``: GaLore uses rank min(rank, m, n) on them, their full rank, so it
+    compresses nothing there; ``min_effective_rank`` is the smallest min(rank, m, n) of all projected weights.
     """
 
     num_params: int
@@ -127,6 +134,8 @@ class MemoryPlan:
     tokens: int
     seq_len: int
     largest_gradient: str
+    full_rank: int
+    min_effective_rank: int
     modes: tuple[ModeMemory, ...]
 
     def mode(self, name: str) -> ModeMemory:
@@ -140,9 +149,11 @@ class MemoryPlan:
 def model_config(model: str) -> PretrainedConfig:
     """The transformers config of a preset name (:data:`PRESETS`), a config.json, or a folder holding one.
 
-    A file is read as JSON and built with ``AutoConfig.for_model(model_type, **fields)``. Raises
+    A file is read as JSON and built with ``AutoConfig.for_model(model_type, **fields)``; a composite
+    config keeps its sub-configs (:func:`causal_lm_config` picks the text model). Raises
     :class:`MemoryPlanError` for an unknown name, a missing file, invalid JSON, a missing or unknown
-    ``model_type``, a model type without a causal-LM model, or fields the config class refuses.
+    ``model_type``, fields the config class refuses, or a config with no causal-LM model in transformers
+    (neither its own nor its text model's).
 
     Example::
 
@@ -151,7 +162,6 @@ def model_config(model: str) -> PretrainedConfig:
     """
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if model in PRESETS:
         model_type, fields = PRESETS[model]
@@ -161,14 +171,44 @@ def model_config(model: str) -> PretrainedConfig:
             raise MemoryPlanError(
                 f"{model}: unknown model_type {model_type!r} (transformers knows e.g. 'llama', 'mistral')"
             )
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise MemoryPlanError(f"{model}: model_type {model_type!r} has no causal-LM model in transformers")
     try:
-        return AutoConfig.for_model(model_type, **fields)
+        config = AutoConfig.for_model(model_type, **fields)
     except ImportError:  # transformers itself is broken or interrupted: not the config's fault
         raise
     except Exception as error:  # only the user's fields can make a known config class fail here
         raise MemoryPlanError(f"{model}: invalid {model_type} config: {_one_line(error)}") from None
+    try:
+        causal_lm_config(config)
+    except MemoryPlanError as error:
+        raise MemoryPlanError(f"{model}: {error}") from None
+    return config
+
+
+def causal_lm_config(config: PretrainedConfig) -> PretrainedConfig:
+    """The config whose causal-LM model is planned: a composite config's text model's, else ``config``.
+
+    A composite (multimodal) config, such as Gemma 3's or Llama 4's, holds its language model's config
+    as ``text_config`` (``config.get_text_config(decoder=True)``); that one is used when transformers has
+    a causal LM for it (``gemma3_text`` → ``Gemma3ForCausalLM``), so the vision tower is left out.
+    Otherwise ``config`` itself, when transformers has a causal LM for it (``mllama`` →
+    ``MllamaForCausalLM``, which is the text model too). Raises :class:`MemoryPlanError` when neither has
+    one.
+
+    Example::
+
+        causal_lm_config(model_config("path/to/gemma-3-4b-it")).model_type  # 'gemma3_text'
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        text = config.get_text_config(decoder=True)
+    except ValueError:  # several text sub-configs and no way to tell the decoder: plan config itself
+        text = config
+    for candidate in (text, config):
+        if candidate.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            return candidate
+    inner = f" (text model {text.model_type!r})" if text is not config else ""
+    raise MemoryPlanError(f"model_type {config.model_type!r}{inner} has no causal-LM model in transformers")
 
 
 def _read_config_json(model: str) -> tuple[str, dict[str, Any]]:
@@ -202,12 +242,15 @@ def _one_line(error: BaseException) -> str:
 def build_meta_model(config: PretrainedConfig, dtype: torch.dtype) -> nn.Module:
     """The causal-LM model of ``config`` on the meta device, parameters in ``dtype``: shapes, no storage.
 
+    A composite config's model is its text model's (:func:`causal_lm_config`).
+
     Example::
 
         model = build_meta_model(model_config("llama-1b"), torch.bfloat16)
     """
     from transformers import AutoModelForCausalLM
 
+    config = causal_lm_config(config)
     try:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
@@ -235,8 +278,11 @@ def plan_memory(
     time: the largest. Optimizer state is the bytes of the state tensors each optimizer allocates; it
     does not change after the first step. Activations: :func:`activation_bytes` for ``tokens``.
 
-    Raises :class:`MemoryPlanError` when ``target_modules`` selects no weight, or ``rank`` or ``tokens``
-    is below 1.
+    A projected weight whose min(m, n) is at most ``rank`` keeps rank min(rank, m, n), its full rank
+    (counted in ``full_rank``): its state is then no smaller than AdamW's.
+
+    Raises :class:`MemoryPlanError` when ``target_modules`` selects no weight, ``rank`` or ``tokens``
+    is below 1, or the config lacks a field the activation estimate needs.
 
     Example::
 
@@ -247,12 +293,16 @@ def plan_memory(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise MemoryPlanError(f"{name} must be an int >= 1, got {value!r}")
     try:
-        plain, projected = galore_param_groups(model, target_modules, rank=rank)
+        with warnings.catch_warnings():
+            # Matrices a target selects but GaLore leaves alone (MoE routers) are AdamW here, counted as such;
+            # the header's count of projected weights says what is projected.
+            warnings.simplefilter("ignore", UserWarning)
+            plain, *projected_groups = galore_param_groups(model, target_modules, rank=rank)
     except ValueError as error:
         raise MemoryPlanError(str(error)) from None
-    galore_groups = [(plain, p) for p in plain["params"]] + [
-        ({**GROUP_DEFAULTS, **projected}, p) for p in projected["params"]
-    ]
+    # Expert stacks (Mixtral's experts × out × in weights) come in their own group, one projector per expert.
+    projected = [({**GROUP_DEFAULTS, **group}, p) for group in projected_groups for p in group["params"]]
+    galore_groups = [(plain, p) for p in plain["params"]] + projected
     plain_groups = [({}, p) for _, p in galore_groups]
     params = [p for _, p in galore_groups]
     weights = sum(_nbytes(p) for p in params)
@@ -265,6 +315,8 @@ def plan_memory(
         return ModeMemory(mode, weights, gradients, optimizer_state, activations)
 
     eight_bit_galore = _galore_state_bytes(galore_groups, _MIN_8BIT_SIZE)
+    # The matrices projected (each expert's for a stack); empty weights are not projected.
+    shapes = [matrix_shape(p, group["experts"])[-2:] for group, p in projected if p.numel()]
     modes = (
         row("AdamW", weights, sum(_adamw_state_bytes(p) for p in params)),
         row("8-bit Adam", weights, _galore_state_bytes(plain_groups, _MIN_8BIT_SIZE)),
@@ -274,14 +326,16 @@ def plan_memory(
     )
     return MemoryPlan(
         num_params=sum(p.numel() for p in params),
-        projected_params=sum(p.numel() for p in projected["params"]),
-        num_projected=len(projected["params"]),
+        projected_params=sum(p.numel() for _, p in projected),
+        num_projected=len(projected),
         num_tensors=len(params),
         rank=rank,
         dtype=params[0].dtype,
         tokens=tokens,
         seq_len=_seq_len(model.config, tokens),
         largest_gradient=largest_name,
+        full_rank=sum(min(shape) <= rank for shape in shapes),
+        min_effective_rank=min((min(rank, *shape) for shape in shapes), default=rank),
         modes=modes,
     )
 
@@ -305,9 +359,17 @@ def _adamw_state_bytes(param: torch.Tensor) -> int:
     return 2 * _nbytes(param) + 4
 
 
+def _text_config(config: PretrainedConfig) -> PretrainedConfig:
+    # A composite model's config (mllama's) holds its text model's sizes in a sub-config.
+    try:
+        return config.get_text_config(decoder=True)
+    except ValueError:
+        return config
+
+
 def _seq_len(config: PretrainedConfig, tokens: int) -> int:
     # The token batch is one sequence while it fits the model's context, else full-context sequences.
-    return min(tokens, getattr(config, "max_position_embeddings", None) or tokens)
+    return min(tokens, getattr(_text_config(config), "max_position_embeddings", None) or tokens)
 
 
 def activation_bytes(config: PretrainedConfig, tokens: int, dtype: torch.dtype) -> int:
@@ -325,8 +387,15 @@ def activation_bytes(config: PretrainedConfig, tokens: int, dtype: torch.dtype) 
 
         activation_bytes(model_config("llama-7b"), 256, torch.bfloat16) / 1e9  # ≈ 1.5; the paper says 2 GB
     """
-    h, a, layers = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
+    text = _text_config(config)
+    fields = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+    missing = [name for name in fields if not isinstance(getattr(text, name, None), int)]
+    if missing:
+        raise MemoryPlanError(
+            f"cannot estimate activations: the {text.model_type} config has no integer {', '.join(missing)}"
+        )
+    h, a, layers, vocab_size = (getattr(text, name) for name in fields)
     s = _seq_len(config, tokens)
     sixteen_bit = layers * tokens * (34 * h + 5 * a * s) + tokens * 4 * h
     scale = torch.finfo(dtype).bits // 16
-    return sixteen_bit * scale + tokens * 4 * config.vocab_size
+    return sixteen_bit * scale + tokens * 4 * vocab_size

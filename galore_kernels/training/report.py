@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 from .compare import OPTIMIZERS, RunConfig, RunResult
 
-__all__ = ["format_bytes", "table", "write_json", "plot_losses"]
+__all__ = ["format_bytes", "table", "write_json", "plot_losses", "finite_or_none"]
+
+NOT_AVAILABLE = "n/a"  # the table's cell for a number that does not exist (tokens/s of a 1-step run)
 
 
 def format_bytes(n: int) -> str:
@@ -19,8 +23,15 @@ def format_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def _cell(value: float, spec: str) -> str:
+    """``value`` in format ``spec``, or "n/a" when it is NaN or infinite (tokens/s of a 1-step run: step 1
+    is not timed)."""
+    return format(value, spec) if math.isfinite(value) else NOT_AVAILABLE
+
+
 def table(results: list[RunResult], skipped: dict[str, str], device: str) -> str:
-    """One row per optimizer; validation loss also relative to AdamW's when AdamW ran."""
+    """One row per optimizer; validation loss also relative to AdamW's when AdamW ran. A number that does
+    not exist (NaN, infinite) prints as "n/a"."""
     reference = next((r.final_validation_loss for r in results if r.name == "adamw"), None)
     peak = "peak memory" if device != "cpu" else "peak w+g+state"
     lines = [
@@ -28,21 +39,51 @@ def table(results: list[RunResult], skipped: dict[str, str], device: str) -> str
         f"{'opt. state':>13}{peak:>16}"
     ]
     for r in results:
-        versus = f"{100 * (r.final_validation_loss / reference - 1):+.1f}%" if reference else "—"
+        versus = "—"
+        if reference:
+            versus = _cell(100 * (r.final_validation_loss / reference - 1), "+.1f")
+            versus += "%" * (versus != NOT_AVAILABLE)
         # .4g keeps a diverging (huge but finite) loss inside its column
         lines.append(
-            f"{OPTIMIZERS[r.name][0]:<28}{r.lr:>8.0e}{r.final_train_loss:>12.4g}{r.final_validation_loss:>10.4g}"
-            f"{versus:>10}{r.tokens_per_second:>10,.0f}{format_bytes(r.state_bytes):>13}"
-            f"{format_bytes(r.peak_bytes):>16}"
+            f"{OPTIMIZERS[r.name][0]:<28}{r.lr:>8.0e}{_cell(r.final_train_loss, '.4g'):>12}"
+            f"{_cell(r.final_validation_loss, '.4g'):>10}{versus:>10}{_cell(r.tokens_per_second, ',.0f'):>10}"
+            f"{format_bytes(r.state_bytes):>13}{format_bytes(r.peak_bytes):>16}"
         )
     for name, reason in skipped.items():
         lines.append(f"{OPTIMIZERS[name][0]:<28}  not run: {reason}")
     return "\n".join(lines)
 
 
-def write_json(path: Path, settings: RunConfig, results: list[RunResult], skipped: dict[str, str], header: str) -> None:
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (in lists, tuples and dicts too) replaced by None, so that
+    it is strict JSON (``null``); ``json.dumps`` would otherwise write ``NaN``, which JSON parsers refuse.
+
+    >>> finite_or_none({"tokens_per_second": float("nan"), "validation": [(0, 3.9), (1, float("inf"))]})
+    {'tokens_per_second': None, 'validation': [[0, 3.9], [1, None]]}
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(item) for item in value]
+    return value
+
+
+def write_json(
+    path: Path,
+    settings: RunConfig,
+    results: list[RunResult],
+    skipped: dict[str, str],
+    header: str,
+    *,
+    interrupted: bool = False,
+) -> None:
+    """Every number of the comparison as strict JSON: a NaN or infinite number (tokens/s of a 1-step run)
+    is ``null``. ``interrupted``: Ctrl-C stopped the comparison, so some optimizers did not run."""
     payload = {
         "environment": header,
+        "interrupted": interrupted,
         "config": dataclasses.asdict(settings),
         "results": [
             {
@@ -62,7 +103,7 @@ def write_json(path: Path, settings: RunConfig, results: list[RunResult], skippe
         ],
         "skipped": skipped,
     }
-    path.write_text(json.dumps(payload, indent=1))
+    path.write_text(json.dumps(finite_or_none(payload), indent=1, allow_nan=False))
 
 
 def plot_losses(path: Path, results: list[RunResult], title: str) -> None:
