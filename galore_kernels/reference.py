@@ -120,35 +120,45 @@ def refresh_projector_(
     *,
     sketch: proj.Sketch = proj.gaussian_sketch,
 ) -> None:
-    """Recompute the state's projector(s) from the 2-D gradient ``g`` (or expert stack) on a refresh step.
+    """Recompute the state's projector(s) from the 2-D gradient ``g`` (or expert stack) when
+    :func:`needs_refresh` says so.
 
     The sketch's seed is (parameter seed, step), so every backend and rerun draws the same Ω; a backend
     passes its own ``sketch`` to compute G'·Ω (the reference materializes Ω).
 
-    A gradient too small to define a subspace (all zeros, or entries in fp32's subnormal range on
-    average, where products flush to zero) would fix arbitrary coordinate axes for T − 1 steps: a
-    zero-initialized readout makes every upstream gradient exactly 0 at step 0. Such a gradient leaves
-    the projector as it is and moves the parameter's refresh schedule one step later, so the next step
-    refreshes; the T-step cadence continues from the refresh that happens.
-
-    In an expert stack an expert that got no tokens has an all-zero gradient while the others do not: it
-    keeps its projector and its bit in ``state["pending_experts"]``, and every later step refreshes the
-    pending experts alone until each has had a gradient.
+    A matrix whose gradient is too small to define a subspace (all zeros, or entries in fp32's subnormal
+    range on average, where products flush to zero) would fix arbitrary coordinate axes for T − 1 steps:
+    a zero-initialized readout makes every upstream gradient exactly 0 at step 0, and in an expert stack
+    an expert routed no tokens has a zero gradient while the others do not. Such a matrix keeps its
+    projector and its bit in ``state["pending_refresh"]`` (bit e for expert e, bit 0 for a plain matrix);
+    later steps refresh the pending matrices alone until each has had a gradient. The schedule itself
+    (``refresh_offset``) never moves, so ``refresh_schedule="spread"`` keeps its phases.
     """
     seed = sketch_seed(state["seed"], state["step"])
     kwargs = dict(method=config.svd, seed=seed, oversample=config.svd_oversample, power_iters=config.svd_power_iters)
-    if "pending_experts" in state:
-        _refresh_experts_(state, g, side, config, kwargs)
-        return
-    if not _has_direction(g).item():  # one sync, on refresh steps only
-        state["refresh_offset"] = (state["step"] + 1) % config.update_proj_gap
+    matrices = g if g.dim() == 3 else g.unsqueeze(0)
+    scheduled = proj.is_refresh_step(state["step"], config.update_proj_gap, state["refresh_offset"])
+    pending = state["pending_refresh"]
+    candidates = [i for i in range(matrices.shape[0]) if scheduled or pending >> i & 1]
+    usable = _has_direction(matrices).tolist()  # one sync, on refresh steps only
+    for i in candidates:
+        pending = pending & ~(1 << i) if usable[i] else pending | (1 << i)
+    state["pending_refresh"] = pending
+    chosen = [i for i in candidates if usable[i]]
+    if not chosen:
         return
     if side == "full":
         left, right = proj.compute_full_projectors(g, config.rank, **kwargs)
         state["projector"].copy_(left)
         state["projector_right"].copy_(right)
-    else:
+    elif g.dim() == 2:
         state["projector"].copy_(proj.compute_projector(g, config.rank, side, sketch=sketch, **kwargs))
+    elif len(chosen) == matrices.shape[0]:  # the whole stack, without copying it
+        state["projector"].copy_(proj.compute_projector(g, config.rank, side, **kwargs))
+    else:
+        index = torch.tensor(chosen, device=g.device)
+        fresh = proj.compute_projector(g.index_select(0, index), config.rank, side, **kwargs)
+        state["projector"].index_copy_(0, index, fresh.to(state["projector"].dtype))
 
 
 def _has_direction(g: torch.Tensor) -> torch.Tensor:
@@ -158,31 +168,11 @@ def _has_direction(g: torch.Tensor) -> torch.Tensor:
     return norms > torch.finfo(torch.float32).tiny * math.sqrt(g.shape[-2] * g.shape[-1])
 
 
-def _refresh_experts_(
-    state: dict[str, Any], g: torch.Tensor, side: str, config: GaLoreConfig, kwargs: dict[str, Any]
-) -> None:
-    """Refresh an expert stack: every expert on a refresh step, the pending ones in between; experts whose
-    gradient is negligible stay pending."""
-    experts = g.shape[0]
-    scheduled = proj.is_refresh_step(state["step"], config.update_proj_gap, state["refresh_offset"])
-    pending = state["pending_experts"]
-    candidates = list(range(experts)) if scheduled else [e for e in range(experts) if pending >> e & 1]
-    usable = _has_direction(g[candidates]).tolist()  # one sync for the stack
-    chosen = [e for e, ok in zip(candidates, usable) if ok]
-    if chosen:
-        index = torch.tensor(chosen, device=g.device)
-        fresh = proj.compute_projector(g.index_select(0, index), config.rank, side, **kwargs)
-        state["projector"].index_copy_(0, index, fresh.to(state["projector"].dtype))
-    for e, ok in zip(candidates, usable):
-        pending = pending & ~(1 << e) if ok else pending | (1 << e)
-    state["pending_experts"] = pending
-
-
 def needs_refresh(state: dict[str, Any], config: GaLoreConfig) -> bool:
-    """Whether this step's gradient goes through :func:`refresh_projector_`: on the schedule, or while an
-    expert of a stack is still without a projector."""
+    """Whether this step's gradient goes through :func:`refresh_projector_`: on the schedule, or while a
+    matrix (an expert of a stack) is still without a projector from a usable gradient."""
     scheduled = proj.is_refresh_step(state["step"], config.update_proj_gap, state["refresh_offset"])
-    return scheduled or state.get("pending_experts", 0) != 0
+    return scheduled or state["pending_refresh"] != 0
 
 
 def project(state: dict[str, Any], g: torch.Tensor, side: str) -> torch.Tensor:

@@ -7,7 +7,7 @@ Per-parameter state holds tensors and plain numbers only, so ``torch.load(weight
 ``nonfinite_skips`` int, steps skipped: the gradient held NaN or Inf, or its norm reached 2^63
 ``seed``            int, the parameter's sketch seed (GaLore parameters)
 ``refresh_offset``  int in [0, T), the step of the parameter's refresh schedule (GaLore parameters)
-``pending_experts`` int bitmask of the experts still without a projector (expert stacks only)
+``pending_refresh`` int bitmask of the matrices still without a projector (bit e: expert e of a stack)
 ``projector``       B (r × d): parameter dtype for 16-bit parameters, fp32 otherwise
 ``projector_right`` the right projector (r × n) of ``proj_type="full"``
 ``exp_avg``         first moment: fp32, or uint8 codes when ``exp_avg_absmax`` is present
@@ -141,11 +141,11 @@ def init_state(
     dtype = projector_dtype(param)
     state["seed"] = int(param_seed)
     state["refresh_offset"] = int(refresh_offset)
+    state["pending_refresh"] = 0
     if stack:
         d, k = (m, n) if side == "left" else (n, m)
-        state["pending_experts"] = 0
         state["projector"] = torch.zeros((*stack, r, d), dtype=dtype, device=device)
-        quantized = quantize(stack[0] * r * k)
+        quantized = quantize(r * k)  # per expert, as separate parameters would be
         moments = _moments((stack[0] * r, k), device, quantized, compute_dtype(param.dtype))
         if not quantized:  # fp32 moments keep the stack's shape; 8-bit ones are rows of blocks
             moments = {key: value.view(*stack, r, k) for key, value in moments.items()}

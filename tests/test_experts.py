@@ -52,11 +52,11 @@ def test_an_expert_without_tokens_gets_its_projector_at_its_next_gradient():
     stack.grad = gradient
     opt.step()
     state = opt.state[stack]
-    assert state["pending_experts"] == 1 << 2 and not state["projector"][2].any() and state["projector"][1].any()
+    assert state["pending_refresh"] == 1 << 2 and not state["projector"][2].any() and state["projector"][1].any()
     other_projectors = state["projector"][[0, 1, 3]].clone()
     stack.grad = torch.randn(EXPERTS, M, N)
     opt.step()
-    assert state["pending_experts"] == 0 and state["projector"][2].any()
+    assert state["pending_refresh"] == 0 and state["projector"][2].any()
     assert torch.equal(state["projector"][[0, 1, 3]], other_projectors)  # not refreshed off schedule
 
 
@@ -110,3 +110,31 @@ def test_layerwise_accumulation_of_an_expert_stack_equals_plain_mode():
         plain.zero_grad()
         layerwise.step()
     torch.testing.assert_close(stacks[1], stacks[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("target_modules", ["all-linear", ["conv"]], ids=case_id)
+def test_3d_weights_of_other_modules_are_not_expert_stacks(target_modules):
+    model = torch.nn.Sequential()
+    model.add_module("conv", torch.nn.Conv1d(4, 8, 3))
+    model.add_module("proj", torch.nn.Linear(8, 8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        groups = galore_param_groups(model, target_modules) if target_modules == "all-linear" else None
+        if groups is None:
+            with pytest.raises(ValueError, match="matches no nn.Linear module"):
+                galore_param_groups(model, target_modules)
+            assert any("conv.weight" in str(w.message) for w in caught)
+            return
+    assert not any(g.get("experts") for g in groups) and not caught
+
+
+def test_switching_a_group_to_experts_after_state_exists_raises():
+    stack = torch.nn.Parameter(torch.randn(EXPERTS, M, N))
+    opt = GaLoreAdamW([{"params": [stack], "rank": 4}], lr=1e-2)  # a 3-D parameter as (shape[0], rest)
+    stack.grad = torch.randn_like(stack)
+    opt.step()
+    opt.param_groups[0]["experts"] = True
+    before = stack.detach().clone()
+    with pytest.raises(ValueError, match="rank, proj_type and experts are fixed"):
+        opt.step()
+    assert torch.equal(stack, before)

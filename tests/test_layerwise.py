@@ -536,6 +536,10 @@ def test_grad_scaler_is_refused_with_its_cause():
     scaler.scale(_mlp_loss(model, gen)).backward()
     with pytest.raises(RuntimeError, match="layer-wise mode does not work with torch.amp.GradScaler"):
         scaler.step(opt)
+    opt.step()  # the refusal leaves the optimizer usable without the scaler
+    _mlp_loss(model, gen).backward()
+    opt.step()
+    assert all(opt.state[p]["step"] == 2 for p in model.parameters())
 
 
 def test_group_edits_are_checked_inside_backward_before_the_parameter_steps():
@@ -546,7 +550,7 @@ def test_group_edits_are_checked_inside_backward_before_the_parameter_steps():
     opt.step()
     opt.param_groups[1]["rank"] = 8
     before = [p.detach().clone() for p in model.parameters()]
-    with pytest.raises(ValueError, match="rank and proj_type are fixed"):
+    with pytest.raises(ValueError, match="rank, proj_type and experts are fixed"):
         _mlp_loss(model, gen).backward()
     projected = [p for p in model.parameters() if p.dim() == 2]
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before) if any(p is q for q in projected))

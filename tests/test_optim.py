@@ -460,13 +460,13 @@ def test_float64_projected_parameters_step(cls, kwargs):
 
 def test_a_zero_gradient_does_not_fix_the_projector():
     """A zero-initialized readout makes the layer below get an all-zero gradient at step 0: no projector is
-    taken from it, and the next step with a gradient refreshes (and restarts the T-step cadence)."""
+    taken from it, and the next step with a gradient refreshes; the schedule keeps its phase."""
     w = torch.nn.Parameter(torch.randn(32, 24))
     opt = GaLoreAdamW([{"params": [w], "rank": 4, "update_proj_gap": 50, "svd": "exact"}], lr=1e-3)
     w.grad = torch.zeros_like(w)
     opt.step()
     state = opt.state[w]
-    assert state["refresh_offset"] == 1 and not state["projector"].any()
+    assert state["pending_refresh"] == 1 and state["refresh_offset"] == 0 and not state["projector"].any()
     gradient = torch.randn(32, 24)
     w.grad = gradient.clone()
     opt.step()
@@ -476,7 +476,16 @@ def test_a_zero_gradient_does_not_fix_the_projector():
     w.grad = torch.randn(32, 24)
     before = state["projector"].clone()
     opt.step()
-    assert torch.equal(state["projector"], before)  # no refresh until step 51
+    assert torch.equal(state["projector"], before) and state["pending_refresh"] == 0  # next refresh: step 50
+
+
+def test_zero_gradients_keep_the_spread_schedule():
+    layers = [torch.nn.Parameter(torch.randn(32, 24)) for _ in range(4)]
+    opt = GaLoreAdamW([{"params": layers, "rank": 4, "update_proj_gap": 8}], lr=1e-3, refresh_schedule="spread")
+    for p in layers:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert [opt.state[p]["refresh_offset"] for p in layers] == [0, 2, 4, 6]
 
 
 def test_a_subnormal_gradient_is_negligible_but_a_tiny_normal_one_is_not():
@@ -484,7 +493,7 @@ def test_a_subnormal_gradient_is_negligible_but_a_tiny_normal_one_is_not():
     opt = GaLoreAdamW([{"params": [w], "rank": 4}], lr=1e-3)
     w.grad = torch.full_like(w, 1e-40)  # subnormal in fp32: products of it flush to zero
     opt.step()
-    assert opt.state[w]["refresh_offset"] == 1
+    assert opt.state[w]["pending_refresh"] == 1
     w.grad = torch.randn_like(w) * 1e-20
     opt.step()
     assert opt.state[w]["projector"].any()
@@ -493,8 +502,8 @@ def test_a_subnormal_gradient_is_negligible_but_a_tiny_normal_one_is_not():
 @pytest.mark.parametrize(
     "edit, message",
     [
-        ({"rank": 8}, "rank and proj_type are fixed"),
-        ({"proj_type": "left"}, "rank and proj_type are fixed"),
+        ({"rank": 8}, "rank, proj_type and experts are fixed"),
+        ({"proj_type": "left"}, "rank, proj_type and experts are fixed"),
         ({"lr": float("nan")}, "lr must be a finite real number"),
         ({"scale": float("nan")}, "scale must be a finite real number"),
         ({"update_proj_gap": 0}, "update_proj_gap must be an int >= 1"),

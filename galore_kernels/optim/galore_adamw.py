@@ -101,7 +101,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         self._warned_nonfinite = False
         self._consecutive_skips: dict[int, int] = {}  # id(param) → steps skipped in a row
         # id(group) → the (rank, proj_type) its parameters' state was last checked against.
-        self._checked_layouts: dict[int, tuple[Any, Any]] = {}
+        self._checked_layouts: dict[int, tuple[Any, ...]] = {}
         self._groups_checked_in_backward: set[int] = set()  # ids of groups a hook checked since the last step()
         self._hooks = (
             LayerwiseHooks(accumulation_steps, backend, self._prepare, self._close_window, _check_grad)
@@ -318,6 +318,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
         that would recompile every step.
         """
         if self._hooks is not None and hasattr(self, "found_inf"):  # set by GradScaler.step (see above)
+            # GradScaler deletes these only after a step that returns: leave the optimizer usable.
+            del self.found_inf
+            if hasattr(self, "grad_scale"):
+                del self.grad_scale
+            self._stepped_in_backward.clear()
             raise RuntimeError(
                 "layer-wise mode does not work with torch.amp.GradScaler: parameters step inside backward on "
                 "the scaled gradients, before the scaler can unscale them or skip an overflowing step; train "
@@ -352,7 +357,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         """Refuse a group edited into values the constructor would refuse, or out of its parameters' state
         layout (``rank``, ``proj_type``, ``rank`` removed or added), before any parameter changes."""
         check_group(group)
-        layout = (group.get("rank"), group.get("proj_type"))
+        layout = (group.get("rank"), group.get("proj_type"), group.get("experts"))
         if self._checked_layouts.get(id(group)) == layout:
             return
         for param in group["params"]:
@@ -361,10 +366,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 problem = _state_mismatch(state, param, group, self.min_8bit_size)
                 if problem is not None:
                     raise ValueError(
-                        f"param group with rank={layout[0]!r}, proj_type={layout[1]!r}: a parameter of shape "
-                        f"{tuple(param.shape)} has state that does not fit it ({problem}); rank and proj_type "
-                        "are fixed once a parameter has state: put parameters that need other settings in a new "
-                        "optimizer, or restore the group's values"
+                        f"param group with rank={layout[0]!r}, proj_type={layout[1]!r}, experts={layout[2]!r}: a "
+                        f"parameter of shape {tuple(param.shape)} has state that does not fit it ({problem}); rank, "
+                        "proj_type and experts are fixed once a parameter has state: put parameters that need "
+                        "other settings in a new optimizer, or restore the group's values"
                     )
         self._checked_layouts[id(group)] = layout
 
@@ -399,11 +404,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
         floating-point state to the parameter's dtype, which would turn fp32 moments of a bf16
         parameter into bf16; the tensors are restored as saved, moved to the parameter's device.
         """
-        # Projected parameters' state from before refresh_offset existed (0.1.0) had the aligned schedule.
+        # Projected parameters' state from before refresh_offset (0.1.0) or pending_refresh existed had the
+        # aligned schedule and no pending refresh.
         state_dict = {
             **state_dict,
             "state": {
-                pid: {**st, "refresh_offset": 0} if "seed" in st and "refresh_offset" not in st else st
+                pid: {"refresh_offset": 0, "pending_refresh": 0, **st} if "seed" in st else st
                 for pid, st in state_dict["state"].items()
             },
         }

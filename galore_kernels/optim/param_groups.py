@@ -120,17 +120,24 @@ def galore_param_groups(
 def _expert_stacks(
     model: nn.Module, target_modules: str | Sequence[str], all_linear: bool
 ) -> tuple[set[str], list[str]]:
-    """Names of the 3-D parameters that selected non-``nn.Linear`` modules own (expert stacks), and of their
-    other ≥ 2-D parameters (left unprojected)."""
+    """Names of the expert stacks among the parameters of selected modules, and of the other ≥ 2-D parameters
+    that selected non-``nn.Linear`` modules own (left unprojected; none for ``"all-linear"``, which selects
+    linear layers only).
+
+    An expert stack is a 3-D parameter of a module that holds experts: transformers' MoE blocks name it
+    ``experts`` and its class ``…Experts`` (MixtralExperts, Qwen3MoeExperts, …). Other 3-D parameters, a
+    Conv1d's weight say, are not matrices stacked over experts and are never projected as such.
+    """
     stacks, skipped = set(), []
     for module_name, module in model.named_modules():
         if isinstance(module, nn.Linear) or not (all_linear or _selects(target_modules, module_name)):
             continue
+        holds_experts = "expert" in module_name.rsplit(".", 1)[-1].lower() or "expert" in type(module).__name__.lower()
         for name, param in module.named_parameters(recurse=False):
             full_name = f"{module_name}.{name}" if module_name else name
-            if param.dim() == 3:
+            if param.dim() == 3 and holds_experts:
                 stacks.add(full_name)
-            elif param.dim() >= 2:
+            elif param.dim() >= 2 and not all_linear:
                 skipped.append(full_name)
     return stacks, skipped
 
