@@ -554,3 +554,15 @@ def test_group_edits_are_checked_inside_backward_before_the_parameter_steps():
         _mlp_loss(model, gen).backward()
     projected = [p for p in model.parameters() if p.dim() == 2]
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before) if any(p is q for q in projected))
+
+
+def test_a_skipped_window_counts_as_the_parameters_step():
+    model = _mlp()
+    opt = GaLoreAdamW(_groups(model), lr=1e-2, layerwise=True)
+    gen = torch.Generator().manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        (_mlp_loss(model, gen) * float("nan")).backward()  # every window closes on a skipped step
+    with pytest.raises(RuntimeError, match="would step a second time"):
+        _mlp_loss(model, gen).backward()
+    assert opt.accumulation_steps == 1

@@ -632,3 +632,13 @@ def test_compiled_step_equals_eager_and_compiles_once(svd):
     eager = run(compiled=False)
     assert all(torch.equal(c, e) for c, e in zip(compiled, eager))
     assert graphs <= 1  # at most the thin wrapper around step(), never a graph per step
+
+
+def test_loading_a_bitsandbytes_8bit_state_names_it():
+    bnb = pytest.importorskip("bitsandbytes")
+    w = torch.nn.Parameter(torch.randn(64, 64))
+    theirs = bnb.optim.AdamW8bit([w], lr=1e-3, min_8bit_size=0)
+    w.grad = torch.randn_like(w)
+    theirs.step()
+    with pytest.raises(ValueError, match="bitsandbytes-style 8-bit optimizer"):
+        GaLoreAdamW8bit([w], lr=1e-3).load_state_dict(theirs.state_dict())

@@ -202,21 +202,25 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def _close_window(self, group: dict[str, Any], param: torch.Tensor, window: AccumulationWindow) -> None:
         """Step ``param`` from a layer-wise window: admit, record and clip its summed gradient, then step."""
         if id(param) in self._stepped_in_backward:
-            raise RuntimeError(
-                f"a parameter of shape {tuple(param.shape)} would step a second time since the last "
-                f"optimizer.step(): layer-wise mode steps each parameter once every accumulation_steps="
-                f"{self.accumulation_steps} backward passes, and step() must be called once per optimizer step. "
-                "If the loop accumulates gradients over k micro-batches, build the optimizer with "
-                "accumulation_steps=k; otherwise call optimizer.step() after each step's backward passes"
-            )
+            raise self._second_step_error(param)
+        self._stepped_in_backward.add(id(param))  # a skipped window counts too: it closed
         from_projection = window.full_sum is None
         grad = window.projected_sum if from_projection else window.full_sum
         (admitted,) = self._admit([(param, grad)], inside_backward=True)
         if not admitted:
             self._skip_nonfinite(param)
             return
-        self._stepped_in_backward.add(id(param))
         self._apply(group, [(param, grad)], from_projection=from_projection)
+
+    def _second_step_error(self, param: torch.Tensor) -> RuntimeError:
+        return RuntimeError(
+            f"a parameter of shape {tuple(param.shape)} would step a second time since the last "
+            f"optimizer.step(): layer-wise mode steps each parameter once every accumulation_steps="
+            f"{self.accumulation_steps} backward passes, and step() must be called once per optimizer step. "
+            "If the loop accumulates gradients over k micro-batches, build the optimizer with "
+            "accumulation_steps=k; otherwise call optimizer.step() after each step's backward passes. (Reentrant "
+            "activation checkpointing of a weight shared across segments also fires its hook once per segment.)"
+        )
 
     def _admit(self, gradients: list[tuple[torch.Tensor, torch.Tensor]], *, inside_backward: bool) -> list[bool]:
         """Which (parameter, gradient) pairs can be stepped on; records their norms. One host sync in all.
@@ -337,6 +341,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         work = [(group, p) for group in self.param_groups for p in group["params"] if p.grad is not None]
         if self._hooks is not None:
             self._refuse_second_gradients(work)
+            # Check every open window before closing any, so that an error leaves no window half-closed.
+            again = [p for p in self._hooks.windows if id(p) in self._stepped_in_backward]
+            if again:
+                raise self._second_step_error(again[0])
             self._hooks.close_all()
         for _, p in work:
             _check_grad(p)
@@ -465,6 +473,10 @@ def _foreign_optimizer(saved: dict[str, Any]) -> str | None:
     """The optimizer a parameter's saved state comes from, when it is recognizably not ours."""
     if "projector" in saved and not isinstance(saved["projector"], torch.Tensor):
         return "galore-torch's GaLoreAdamW (its state holds GaLoreProjector objects)"
+    # bitsandbytes' optimizers (and galore-torch's GaLoreAdamW8bit, built on them) keep state1/state2, which
+    # their state_dict() packs under one key.
+    if "__bnb_optimizer_quant_state__" in saved or {"state1", "state2"} <= set(saved):
+        return "a bitsandbytes-style 8-bit optimizer (bitsandbytes' AdamW8bit or galore-torch's GaLoreAdamW8bit)"
     if "nonfinite_skips" not in saved and {"exp_avg", "exp_avg_sq", "step"} <= set(saved):
         return "torch.optim.AdamW or Adam (exp_avg, exp_avg_sq and a step, none of this package's entries)"
     return None
