@@ -147,3 +147,11 @@ def assert_same_rounding(ours, expected):
     diff = (ours.float() - expected.float()).abs()
     assert (diff <= ulp * 1.01 + 1e-30).all(), diff.max()
     assert (ours != expected).float().mean() <= 0.01, (ours != expected).float().mean()
+
+# --- Data parallel (tests/test_distributed_*.py).
+# The low-rank DDP hook all-reduces S_i = B·G_i' where plain DDP all-reduces G_i: the mean of projections
+# equals the projection of the mean up to fp32 rounding of the products and the sum. Measured after 9
+# steps with 3 refreshes on 2 processes: weights ≤ 1.4e-7; projected moments ≤ 2.6e-6 (they hold S itself,
+# whose rounding is relative to each rank's S, not to their smaller mean).
+LOW_RANK_VS_PLAIN_DDP = 1e-6
+LOW_RANK_VS_PLAIN_DDP_MOMENTS = 1e-5

@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
-from .. import functional
+from .. import functional, reference
 from ..config import AdamHyper, GaLoreConfig
-from ..state import init_state, is_projected
+from ..projector import resolve_side
+from ..state import init_state, is_projected, matrix_shape
 from .checks import NONFINITE_MODES, check_group, check_hyper, check_layerwise
 from .grad_norm import GradNorm
 from .layerwise import AccumulationWindow, LayerwiseHooks
@@ -103,6 +104,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         # id(group) → the (rank, proj_type) its parameters' state was last checked against.
         self._checked_layouts: dict[int, tuple[Any, ...]] = {}
         self._groups_checked_in_backward: set[int] = set()  # ids of groups a hook checked since the last step()
+        # param → its projected gradient S, already averaged over processes by galore_kernels.distributed's
+        # DDP comm hook; step() steps such a parameter from S (its .grad holds zeros).
+        self._reduced_projections: dict[torch.Tensor, torch.Tensor] = {}
         self._hooks = (
             LayerwiseHooks(accumulation_steps, backend, self._prepare, self._close_window, _check_grad)
             if layerwise
@@ -348,18 +352,52 @@ class GaLoreAdamW(torch.optim.Optimizer):
             self._hooks.close_all()
         for _, p in work:
             _check_grad(p)
-        admitted = self._admit([(p, p.grad) for _, p in work], inside_backward=False)
+        reduced, self._reduced_projections = self._reduced_projections, {}
+        gradients = [reduced.get(p, p.grad) for _, p in work]
+        admitted = self._admit(list(zip((p for _, p in work), gradients)), inside_backward=False)
         self._init_missing_state(work)
         for (_, p), ok in zip(work, admitted):
             if not ok:
                 self._skip_nonfinite(p)
         for group in self.param_groups:
-            gradients = [(p, p.grad) for (g, p), ok in zip(work, admitted) if ok and g is group]
-            self._apply(group, gradients, from_projection=False)
+            members = [(p, g) for (grp, p), g, ok in zip(work, gradients, admitted) if ok and grp is group]
+            self._apply(group, [(p, g) for p, g in members if p not in reduced], from_projection=False)
+            self._apply(group, [(p, g) for p, g in members if p in reduced], from_projection=True)
         self._grad_norm.finish()
         self._stepped_in_backward.clear()
         self._groups_checked_in_backward.clear()
         return loss
+
+    def projection_to_communicate(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor | None:
+        """S = B·G' (fp32) of ``grad`` when ``param``'s next step can take it instead of the full gradient:
+        a projected parameter with state whose next step refreshes nothing. None otherwise (no state yet, a
+        refresh due, not projected, layer-wise mode): then the full gradient is needed.
+
+        For communication hooks (:mod:`galore_kernels.distributed`): projection is linear, so the mean over
+        processes of S equals B·(mean of G), and S is r·k elements where G is m·n.
+        """
+        group = self._group_of(param)
+        state = self.state.get(param)
+        if self._hooks is not None or group is None or not state or not is_projected(param, group):
+            return None
+        config = GaLoreConfig.from_group(group)
+        if reference.needs_refresh(state, config) or config.proj_type == "full":
+            return None
+        matrices = grad.reshape(matrix_shape(param, config.experts))
+        side = resolve_side(config.proj_type, tuple(matrices.shape[-2:]))
+        return functional.project_gradient(state, matrices, side, backend=self.backend)
+
+    def take_reduced_projection(self, param: torch.Tensor, s: torch.Tensor) -> None:
+        """Step ``param`` from ``s`` (its averaged :meth:`projection_to_communicate`) at the next step()."""
+        self._reduced_projections[param] = s
+
+    def _group_of(self, param: torch.Tensor) -> dict[str, Any] | None:
+        # Rebuilt when the groups change (add_param_group, load_state_dict): a hook asks once per parameter.
+        key = tuple(id(g) for g in self.param_groups)
+        if getattr(self, "_group_index_key", None) != key:
+            self._group_index = {id(p): g for g in self.param_groups for p in g["params"]}
+            self._group_index_key = key
+        return self._group_index.get(id(param))
 
     def _check_group_edits(self, group: dict[str, Any]) -> None:
         """Refuse a group edited into values the constructor would refuse, or out of its parameters' state
