@@ -120,6 +120,7 @@ def test_cli_prints_the_table(capsys):
     assert "58.0" in out and "21.3" in out
     assert "note:" not in out and "text model" not in out  # rank 1024 < 4096: nothing clamped, GaLore saves
     assert max(len(line) for line in out.splitlines()) <= 100
+    assert "low-rank hook 1,881,411,584 (27.9%)" in out
 
 
 def test_plan_counts_the_weights_whose_rank_is_clamped():
@@ -248,3 +249,12 @@ def test_mixtral_experts_are_projected_and_8bit_galore_state_is_below_8bit_adam(
     assert plan.projected_params >= 2 * 8 * (1024 * 256 + 256 * 512)
     assert plan.mode("8-bit GaLore").optimizer_state < plan.mode("8-bit Adam").optimizer_state
     assert plan.mode("GaLore").optimizer_state < plan.mode("AdamW").optimizer_state
+
+
+def test_low_rank_communication_of_llama_7b_at_rank_512_is_below_a_sixth_of_plain_ddp():
+    plan = plan_memory(build_meta_model(model_config("llama-7b"), torch.bfloat16), rank=512)
+    assert plan.allreduce_plain == plan.num_params == 6_738_415_616
+    # By hand: 32 layers × (4 attention 4096² weights → 512 × 4096 each, 3 MLP 4096 × 11008 weights →
+    # 512 × 11008 each) + embeddings, head and norms whole = 1,071,910,912.
+    assert plan.allreduce_low_rank == 1_071_910_912
+    assert plan.allreduce_low_rank <= plan.allreduce_plain / 6

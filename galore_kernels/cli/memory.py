@@ -140,6 +140,9 @@ def _report(
         "  8-bit Adam: bitsandbytes' blockwise format as GaLoreAdamW8bit stores it, without bnb's 2 KiB of",
         "  code maps per tensor).",
         f"layer-wise: one gradient alive at a time; the largest is {plan.largest_gradient}'s.",
+        f"data parallel: elements all-reduced per step, plain DDP {plan.allreduce_plain:,};",
+        f"  low-rank hook {plan.allreduce_low_rank:,} ({plan.allreduce_low_rank / plan.allreduce_plain:.1%}) "
+        "between refreshes.",
         "activations: an estimate, Korthikanti et al. 2022's count without recomputation.",
     ]
     if text_model:

@@ -123,6 +123,9 @@ class MemoryPlan:
     ``seq_len`` is the sequence length the activation estimate assumes. ``full_rank`` counts the projected
     weights with min(m, n) ≤ ``rank``: GaLore uses rank min(rank, m, n) on them, their full rank, so it
     compresses nothing there; ``min_effective_rank`` is the smallest min(rank, m, n) of all projected weights.
+    ``allreduce_plain`` and ``allreduce_low_rank`` are the elements one data-parallel step all-reduces with
+    plain DDP (every trainable element) and with :func:`galore_kernels.distributed.low_rank_hook` on a step
+    that refreshes no projector (r·k per projected matrix, every element of the rest).
     """
 
     num_params: int
@@ -136,6 +139,8 @@ class MemoryPlan:
     largest_gradient: str
     full_rank: int
     min_effective_rank: int
+    allreduce_plain: int
+    allreduce_low_rank: int
     modes: tuple[ModeMemory, ...]
 
     def mode(self, name: str) -> ModeMemory:
@@ -335,9 +340,22 @@ def plan_memory(
         seq_len=_seq_len(model.config, tokens),
         largest_gradient=largest_name,
         full_rank=sum(min(shape) <= rank for shape in shapes),
+        allreduce_plain=sum(p.numel() for p in params),
+        allreduce_low_rank=sum(p.numel() for p in plain["params"]) + sum(
+            _projection_elements(group, p) for group, p in projected
+        ),
         min_effective_rank=min((min(rank, *shape) for shape in shapes), default=rank),
         modes=modes,
     )
+
+
+def _projection_elements(group: dict[str, Any], param: torch.Tensor) -> int:
+    """The elements of S = B·G' the low-rank hook all-reduces for ``param`` (its moments' size); an empty
+    weight is not projected and sends its (zero) elements whole."""
+    if not param.numel():
+        return 0
+    state = init_state(param, group, param_seed=0, min_8bit_size=None)
+    return state["exp_avg"].numel()
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
