@@ -1,0 +1,63 @@
+"""A real 2-process GaLoreTrainer run (plain DDP over gloo on CPU, as torchrun would launch it): it learns,
+every process ends with the same weights, and a run resumed from its checkpoint ends equal to the
+uninterrupted one."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+from distributed_helpers import run_on_ranks
+from tiny_models import synthetic_tokens, tiny_llama
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+WORLD_SIZE = 2
+STEPS, CHECKPOINT = 10, 5
+
+
+def _train(output_dir: str, resume: str | None = None) -> tuple[list[torch.Tensor], list[float]]:
+    from transformers import TrainingArguments
+
+    from galore_kernels.integrations.transformers import GaLoreTrainer
+
+    gen = torch.Generator().manual_seed(0)
+    data = [{"input_ids": t, "labels": t} for t in synthetic_tokens(96, 16, 128, gen)]
+    args = TrainingArguments(
+        output_dir=output_dir, use_cpu=True, ddp_backend="gloo", per_device_train_batch_size=4,
+        max_steps=STEPS, learning_rate=1e-2, optim="galore_adamw_8bit", optim_target_modules=["attn", "mlp"],
+        optim_args="rank=8,update_proj_gap=4", logging_steps=1, save_steps=CHECKPOINT, report_to=[], seed=0,
+        data_seed=0, disable_tqdm=True, save_only_model=False,
+    )
+    trainer = GaLoreTrainer(model=tiny_llama(), args=args, train_dataset=data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train(resume_from_checkpoint=resume)
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    return [p.detach().clone() for p in trainer.model.parameters()], losses
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    full, losses = _train(f"{out_dir}/full")
+    resumed, _ = _train(f"{out_dir}/full", resume=f"{out_dir}/full/checkpoint-{CHECKPOINT}")
+    torch.save({"full": full, "resumed": resumed, "losses": losses}, f"{out_dir}/rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_two_process_galore_trainer_learns_and_resumes_identically(tmp_path):
+    run_on_ranks(_worker, WORLD_SIZE, str(tmp_path))
+    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+    losses = results[0]["losses"]
+    assert len(losses) == STEPS and sum(losses[-3:]) / 3 < 0.95 * losses[0]
+    for result in results:
+        assert all(torch.equal(a, b) for a, b in zip(result["full"], results[0]["full"]))
+        assert all(torch.equal(a, b) for a, b in zip(result["resumed"], result["full"]))
