@@ -47,9 +47,15 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
-    full, losses = _train(f"{out_dir}/full")
-    resumed, _ = _train(f"{out_dir}/full", resume=f"{out_dir}/full/checkpoint-{CHECKPOINT}")
-    torch.save({"full": full, "resumed": resumed, "losses": losses}, f"{out_dir}/rank{rank}.pt")
+    try:
+        full, losses = _train(f"{out_dir}/full")
+        resumed, _ = _train(f"{out_dir}/full", resume=f"{out_dir}/full/checkpoint-{CHECKPOINT}")
+        torch.save({"full": full, "resumed": resumed, "losses": losses}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        # Trainer (accelerate) leaves its process group open; gloo's threads torn down at interpreter exit
+        # abort the process now and then ("terminate called without an active exception").
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
