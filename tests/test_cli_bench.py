@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from galore_kernels.benchmarks import gpu, layerwise, refresh, step
+from galore_kernels.benchmarks import data_parallel, gpu, layerwise, refresh, step
 from galore_kernels.benchmarks.harness import ShapeSweep, synchronized_clock
 from galore_kernels.cli import main
 from galore_kernels.cli.bench import selected
@@ -68,6 +68,17 @@ def test_layerwise_smoke(capsys):
     assert "| 4.0 grads |" in rows["plain"]  # every layer's gradient alive at once without layer-wise mode
 
 
+def test_data_parallel_smoke_counts_what_each_mode_all_reduces(capsys):
+    out = _tables(capsys, ["bench", "--only", "data_parallel", "--smoke", "--device", "cpu"])
+    assert "2 × Linear(64, 64) fp32, GaLoreAdamW8bit r=8" in out
+    rows = {row.split(" | ")[0][2:]: row for row in _rows(out, "| plain") + _rows(out, "| low-rank")}
+    assert list(rows) == list(data_parallel.MODES)
+    # Two 64 × 64 weights: plain DDP sends 8,192 elements every step; the hook sends S (8 × 64 each)
+    # between refreshes and the full gradients on the refresh step.
+    assert "| 8,192 | 0.0 | 8,192 |" in rows["plain DDP"]
+    assert "| 1,024 | 0.0 | 8,192 |" in rows["low-rank hook"]
+
+
 def test_gpu_smoke(capsys):
     """The GPU table on tiny shapes: under Triton's interpreter without a GPU."""
     out = _tables(capsys, ["bench", "--only", "gpu", "--smoke", "--device", DEVICE])
@@ -91,9 +102,9 @@ def test_repeats_reach_the_settings(capsys, monkeypatch):
 
 
 def test_default_selection():
-    assert selected(None, "cpu", smoke=False) == ["refresh", "step", "layerwise"]
+    assert selected(None, "cpu", smoke=False) == ["refresh", "step", "layerwise", "data_parallel"]
     assert selected(None, "cuda", smoke=False) == ["gpu", "layerwise"]
-    assert selected(None, "cpu", smoke=True) == ["gpu", "refresh", "step", "layerwise"]
+    assert selected(None, "cpu", smoke=True) == ["gpu", "refresh", "step", "layerwise", "data_parallel"]
     assert selected("layerwise, refresh", "cuda", smoke=False) == ["refresh", "layerwise"]
 
 

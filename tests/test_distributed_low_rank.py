@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from distributed_helpers import init_gloo, run_on_ranks
+from galore_kernels.distributed.launch import init_gloo, run_on_ranks
 from galore_kernels import GaLoreAdamW, GaLoreAdamW8bit
 from galore_kernels.distributed import LowRankHookState, low_rank_hook
 from galore_kernels.state import dequantized_moments

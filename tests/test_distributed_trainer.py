@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from distributed_helpers import run_on_ranks
+from galore_kernels.distributed.launch import run_on_ranks
 from tiny_models import synthetic_tokens, tiny_llama
 
 pytest.importorskip("transformers")

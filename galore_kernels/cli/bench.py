@@ -14,8 +14,8 @@ import sys
 
 from . import CLIError
 
-NAMES = ("gpu", "refresh", "step", "layerwise")  # also the order they run in
-DEFAULTS = {"cpu": ("refresh", "step", "layerwise"), "cuda": ("gpu", "layerwise")}
+NAMES = ("gpu", "refresh", "step", "layerwise", "data_parallel")  # also the order they run in
+DEFAULTS = {"cpu": ("refresh", "step", "layerwise", "data_parallel"), "cuda": ("gpu", "layerwise")}
 
 
 def _positive_int(text: str) -> int:
@@ -35,7 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Run the benchmarks for this machine and print their tables (markdown, one environment line "
             "each). On a CPU: refresh (exact vs randomized SVD), step (our reference vs galore-torch) and "
-            "layerwise (gradient memory and step time of layer-wise mode), a few minutes on 2 cores. On "
+            "layerwise (gradient memory and step time of layer-wise mode) and data_parallel (plain DDP vs "
+            "low-rank communication on 2 processes), a few minutes on 2 cores. On "
             "CUDA: gpu (fused kernels vs reference, galore-torch and bitsandbytes, against the roofline) and "
             "layerwise."
         ),
