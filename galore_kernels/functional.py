@@ -129,7 +129,7 @@ def galore_adamw_step(
     from .kernels.gaussian_sketch import gaussian_sketch
     from .kernels.project_adam import project_adam
 
-    if reference.needs_refresh(state, config):
+    if reference.needs_refresh(state, config.update_proj_gap):
         reference.refresh_projector_(state, g, side, config, sketch=gaussian_sketch)
     direction = project_adam(state["projector"], proj.oriented(g, side), state, hyper, config.scale)
     _backproject_update(param, direction, state, hyper, side)

@@ -168,10 +168,10 @@ def _has_direction(g: torch.Tensor) -> torch.Tensor:
     return norms > torch.finfo(torch.float32).tiny * math.sqrt(g.shape[-2] * g.shape[-1])
 
 
-def needs_refresh(state: dict[str, Any], config: GaLoreConfig) -> bool:
+def needs_refresh(state: dict[str, Any], update_proj_gap: int) -> bool:
     """Whether this step's gradient goes through :func:`refresh_projector_`: on the schedule, or while a
     matrix (an expert of a stack) is still without a projector from a usable gradient."""
-    scheduled = proj.is_refresh_step(state["step"], config.update_proj_gap, state["refresh_offset"])
+    scheduled = proj.is_refresh_step(state["step"], update_proj_gap, state["refresh_offset"])
     return scheduled or state["pending_refresh"] != 0
 
 
@@ -220,6 +220,6 @@ def galore_adamw_step(
     """
     g = grad.reshape(matrix_shape(param, config.experts))
     side = proj.resolve_side(config.proj_type, tuple(g.shape[-2:]))
-    if needs_refresh(state, config):
+    if needs_refresh(state, config.update_proj_gap):
         refresh_projector_(state, g, side, config)
     galore_adamw_step_from_projection(param, project(state, g, side), state, hyper, config)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from itertools import chain
@@ -107,6 +108,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         # param → its projected gradient S, already averaged over processes by galore_kernels.distributed's
         # DDP comm hook; step() steps such a parameter from S (its .grad holds zeros).
         self._reduced_projections: dict[torch.Tensor, torch.Tensor] = {}
+        # (ids of the groups it was built from, id(param) → group), for projection_to_communicate.
+        self._group_index: tuple[tuple[int, ...], dict[int, dict[str, Any]]] = ((), {})
         self._hooks = (
             LayerwiseHooks(accumulation_steps, backend, self._prepare, self._close_window, _check_grad)
             if layerwise
@@ -260,6 +263,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
         AdamW call; projected ones step one by one, from their full gradient, or, with
         ``from_projection``, from the projected sum S of a layer-wise window.
         """
+        if not gradients:
+            return
         coef = self._grad_norm.clip_coef(self.max_grad_norm)  # 1 unless layer-wise clipping is on
         if coef < 1.0:
             for _, grad in gradients:
@@ -381,7 +386,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if self._hooks is not None or group is None or not state or not is_projected(param, group):
             return None
         config = GaLoreConfig.from_group(group)
-        if reference.needs_refresh(state, config) or config.proj_type == "full":
+        if reference.needs_refresh(state, config.update_proj_gap) or config.proj_type == "full":
             return None
         matrices = grad.reshape(matrix_shape(param, config.experts))
         side = resolve_side(config.proj_type, tuple(matrices.shape[-2:]))
@@ -394,10 +399,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def _group_of(self, param: torch.Tensor) -> dict[str, Any] | None:
         # Rebuilt when the groups change (add_param_group, load_state_dict): a hook asks once per parameter.
         key = tuple(id(g) for g in self.param_groups)
-        if getattr(self, "_group_index_key", None) != key:
-            self._group_index = {id(p): g for g in self.param_groups for p in g["params"]}
-            self._group_index_key = key
-        return self._group_index.get(id(param))
+        if self._group_index[0] != key:
+            self._group_index = (key, {id(p): g for g in self.param_groups for p in g["params"]})
+        return self._group_index[1].get(id(param))
 
     def _check_group_edits(self, group: dict[str, Any]) -> None:
         """Refuse a group edited into values the constructor would refuse, or out of its parameters' state
@@ -548,8 +552,6 @@ def _check_saved_state(
 def _caller_stacklevel() -> int:
     """The stacklevel that points a warning at the first frame outside this package and torch: the user's
     line that called step() or backward()."""
-    import sys
-
     package = __name__.split(".")[0]
     level, frame = 1, sys._getframe(1)
     while frame is not None:

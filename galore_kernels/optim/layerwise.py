@@ -25,7 +25,6 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from .. import functional, reference
 from .. import projector as proj
-from ..config import GaLoreConfig
 from ..state import is_projected, matrix_shape
 
 __all__ = ["AccumulationWindow", "LayerwiseHooks"]
@@ -159,4 +158,4 @@ class LayerwiseHooks:
     def _keeps_full_gradient(self, group: dict[str, Any], param: torch.Tensor, state: dict[str, Any]) -> bool:
         if self.accumulation_steps == 1 or not is_projected(param, group):
             return True  # nothing to sum (k = 1) or nothing to project into
-        return reference.needs_refresh(state, GaLoreConfig.from_group(group))
+        return reference.needs_refresh(state, group["update_proj_gap"])  # per hook: no config object built
