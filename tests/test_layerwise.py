@@ -18,6 +18,7 @@ from tolerances import (
     GRAD_NORM_RTOL,
     LAYERWISE_8BIT_ACCUMULATED_STATE,
     LAYERWISE_8BIT_ACCUMULATED_WEIGHTS,
+    LAYERWISE_LLAMA_ACCUMULATED_WEIGHTS,
     LAYERWISE_BF16_ACCUMULATED,
     LAYERWISE_CUDA,
     LAYERWISE_LOSS,
@@ -46,7 +47,10 @@ def _groups(model, rank=4, **galore):
 def _llama_groups(model):
     projected = [p for n, p in model.named_parameters() if p.dim() == 2 and ("self_attn" in n or "mlp" in n)]
     regular = [p for p in model.parameters() if all(p is not q for q in projected)]
-    return [{"params": regular}, {"params": projected, "rank": 8, "update_proj_gap": GAP, "scale": 0.5}]
+    # The exact SVD: the randomized refresh turns the fp32 rounding between an accumulated projected sum and
+    # the plain sum into a different basis (measured on this AMD EPYC: moments 1e-2 to 0.35 apart after
+    # 20 steps, k = 4; exact SVD 5e-7), which would test the refresh's sensitivity, not accumulation.
+    return [{"params": regular}, {"params": projected, "rank": 8, "update_proj_gap": GAP, "scale": 0.5, "svd": "exact"}]
 
 
 def _mlp_loss(model, gen):
@@ -145,7 +149,8 @@ def test_tiny_llama_layerwise_equals_plain(cls, kwargs, k):
     # 8-bit with accumulation: the projected sums' fp32 rounding flips a few moment codes of the embedding;
     # everything else agrees to fp32 rounding.
     accumulated_8bit = cls is GaLoreAdamW8bit and k > 1
-    _assert_close_models(plain, layer, LAYERWISE_8BIT_ACCUMULATED_WEIGHTS if accumulated_8bit else LAYERWISE_WEIGHTS)
+    weights_bar = LAYERWISE_WEIGHTS if k == 1 else LAYERWISE_LLAMA_ACCUMULATED_WEIGHTS
+    _assert_close_models(plain, layer, LAYERWISE_8BIT_ACCUMULATED_WEIGHTS if accumulated_8bit else weights_bar)
     assert layer_losses[-1] < layer_losses[0]
     assert max(abs(a - b) for a, b in zip(plain_losses, layer_losses)) < LAYERWISE_LOSS
 

@@ -78,6 +78,9 @@ LAYERWISE_LOSS = 1e-5  # absolute, per logged loss
 # moment codes of the embedding (measured 5.2e-5 on the weights after 20 steps); a flipped code moves
 # its block's other values a little further (the states' bar).
 LAYERWISE_8BIT_ACCUMULATED_WEIGHTS = 2e-4
+# Tiny Llama, fp32 moments, 4 backward passes per step, exact SVD: 1.07e-6 on a k_proj weight after 20
+# steps (AMD EPYC, 2026-12-02), the refreshes' SVD of sums rounded in another order.
+LAYERWISE_LLAMA_ACCUMULATED_WEIGHTS = 5e-6
 LAYERWISE_8BIT_ACCUMULATED_STATE = 1e-3
 # bf16 weights, 4 backward passes per step: non-refresh windows sum projections in fp32 while plain
 # mode sums bf16 gradients (measured 6.4e-3 after 20 steps).

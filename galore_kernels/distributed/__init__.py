@@ -9,8 +9,15 @@ projection S = B·G' (r × k, fp32) instead of the gradient G (m × n)::
     model = DistributedDataParallel(model)
     optimizer = GaLoreAdamW8bit(groups, lr=1e-3)
     model.register_comm_hook(LowRankHookState(optimizer), low_rank_hook)
+
+``LayerwiseDataParallel`` does the same for a layer-wise optimizer, without DDP: each parameter's gradient
+window (its projection between refreshes) is averaged across processes inside backward, before it steps::
+
+    optimizer = GaLoreAdamW8bit(groups, lr=1e-3, layerwise=True, accumulation_steps=4)
+    LayerwiseDataParallel(optimizer)
 """
 
+from .layerwise import LayerwiseDataParallel
 from .low_rank import LowRankHookState, low_rank_hook
 
-__all__ = ["LowRankHookState", "low_rank_hook"]
+__all__ = ["LayerwiseDataParallel", "LowRankHookState", "low_rank_hook"]

@@ -138,6 +138,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
         return self._hooks is not None
 
     @property
+    def layerwise_hooks(self) -> LayerwiseHooks | None:
+        """The layer-wise hooks and their open windows; None when not layer-wise. This is where
+        :class:`galore_kernels.distributed.LayerwiseDataParallel` attaches to average gradients across
+        processes."""
+        return self._hooks
+
+    @property
     def accumulation_steps(self) -> int:
         """Backward passes per layer-wise step (1 when not layer-wise)."""
         return 1 if self._hooks is None else self._hooks.accumulation_steps
@@ -430,7 +437,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
             raise RuntimeError(
                 f"{len(again)} parameters (first of shape {tuple(again[0].shape)}) stepped inside backward and have "
                 ".grad set again: layer-wise mode does not work with DDP/FSDP (they write reduced gradients into "
-                ".grad after backward) or with code that sets .grad of hooked parameters; use layerwise=False there"
+                ".grad after backward) or with code that sets .grad of hooked parameters; for data parallel training in "
+                "layer-wise mode, leave the model unwrapped and use galore_kernels.distributed.LayerwiseDataParallel"
             )
 
     def state_dict(self) -> dict[str, Any]:

@@ -11,6 +11,10 @@ its k-th backward pass; until then its window keeps either
 Summing full gradients here adds them in the order and dtype autograd would, so those windows match a
 non-layer-wise run bit for bit; a projected sum B·G₁ + … + B·G_k differs from B·(G₁ + … + G_k) by fp32
 rounding only.
+
+On several processes a :class:`GradientReducer` (``galore_kernels.distributed.LayerwiseDataParallel``)
+takes over the closing of windows: it averages each window's sum across processes before the parameter
+steps. It then wants the projected sum even with k = 1, since S is what crosses the network.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch.utils.weak import WeakTensorKeyDictionary
@@ -27,7 +31,7 @@ from .. import functional, reference
 from .. import projector as proj
 from ..state import is_projected, matrix_shape
 
-__all__ = ["AccumulationWindow", "LayerwiseHooks"]
+__all__ = ["AccumulationWindow", "GradientReducer", "LayerwiseHooks"]
 
 # Parameters hooked by some layer-wise optimizer: a second one would find .grad already taken.
 _HOOKED: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
@@ -46,6 +50,16 @@ class AccumulationWindow:
 
     def add_projected(self, s: torch.Tensor) -> None:
         self.projected_sum = s if self.projected_sum is None else self.projected_sum.add_(s)
+
+
+class GradientReducer(Protocol):
+    """What closes windows when several processes train together (see the module docstring)."""
+
+    def gradient_ready(self, param: torch.Tensor) -> None:
+        """``param``'s window has taken this backward pass's gradient."""
+
+    def close_open_windows(self) -> None:
+        """``optimizer.step()`` was called: close every window still open, on every process alike."""
 
 
 class LayerwiseHooks:
@@ -74,6 +88,22 @@ class LayerwiseHooks:
         self._handles: dict[torch.Tensor, Any] = {}
         self._group_of: dict[torch.Tensor, dict[str, Any]] = {}
         self.windows: dict[torch.Tensor, AccumulationWindow] = {}
+        self.reducer: GradientReducer | None = None  # set by galore_kernels.distributed; None: one process
+
+    def hooked(self) -> list[tuple[dict[str, Any], torch.Tensor]]:
+        """(group, parameter) of every hooked parameter, in the optimizer's order."""
+        return [(group, param) for param, group in self._group_of.items()]
+
+    def group_of(self, param: torch.Tensor) -> dict[str, Any]:
+        """The param group a hooked parameter belongs to now."""
+        return self._group_of[param]
+
+    def close(self, group: dict[str, Any], param: torch.Tensor, window: AccumulationWindow) -> None:
+        """Step ``param`` from ``window`` (the optimizer's ``close``)."""
+        close = self._close()
+        if close is None:
+            raise RuntimeError("the layer-wise optimizer these hooks step for has been deleted")
+        close(group, param, window)
 
     def attach(self, group: dict[str, Any]) -> None:
         """Hook every parameter of ``group`` that requires grad (others step in ``optimizer.step()``)."""
@@ -122,6 +152,9 @@ class LayerwiseHooks:
 
     def close_all(self) -> None:
         """Step every parameter whose window is open (it got fewer than k gradients since its last step)."""
+        if self.reducer is not None:
+            self.reducer.close_open_windows()
+            return
         close = self._close()
         for param in list(self.windows):
             close(self._group_of[param], param, self.windows.pop(param))
@@ -145,17 +178,20 @@ class LayerwiseHooks:
         state = prepare(group, param)
         window = self.windows.setdefault(param, AccumulationWindow())
         window.count += 1
-        if self._keeps_full_gradient(group, param, state):
+        if self.keeps_full_gradient(group, param, state):
             window.add_full(grad)
         else:
             g = grad.reshape(matrix_shape(param, group.get("experts", False)))
             side = proj.resolve_side(group["proj_type"], tuple(g.shape[-2:]))
             window.add_projected(functional.project_gradient(state, g, side, backend=self._backend))
         del grad  # the full gradient is released here, before the step
-        if window.count == self.accumulation_steps:
+        if self.reducer is not None:
+            self.reducer.gradient_ready(param)
+        elif window.count == self.accumulation_steps:
             close(group, param, self.windows.pop(param))
 
-    def _keeps_full_gradient(self, group: dict[str, Any], param: torch.Tensor, state: dict[str, Any]) -> bool:
-        if self.accumulation_steps == 1 or not is_projected(param, group):
-            return True  # nothing to sum (k = 1) or nothing to project into
+    def keeps_full_gradient(self, group: dict[str, Any], param: torch.Tensor, state: dict[str, Any]) -> bool:
+        """Whether ``param``'s window sums full gradients (else projected ones), decided by its state."""
+        if not is_projected(param, group) or (self.accumulation_steps == 1 and self.reducer is None):
+            return True  # nothing to project into, or nothing to sum or send (one process, k = 1)
         return reference.needs_refresh(state, group["update_proj_gap"])  # per hook: no config object built
