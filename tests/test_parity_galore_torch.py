@@ -8,7 +8,7 @@ galore_torch = pytest.importorskip("galore_torch")  # installed by the test extr
 
 from galore_kernels import GaLoreAdamW
 from galore_kernels.projector import resolve_side
-from tolerances import GALORE_TORCH_PARITY, rel_err
+from tolerances import GALORE_TORCH_PARITY, GALORE_TORCH_PARITY_FULL, rel_err
 
 STEPS = 20
 GAP = 8  # refreshes at steps 0, 8 and 16: two inside the run
@@ -34,11 +34,12 @@ def _run(cls, proj_type, shape, **extra):
 def test_matches_galore_torch(proj_type, shape):
     w_ref, b_ref, state_ref = _run(galore_torch.GaLoreAdamW, proj_type, shape)
     w, b, state = _run(GaLoreAdamW, proj_type, shape, svd="exact")
-    assert rel_err(w, w_ref) <= GALORE_TORCH_PARITY
+    bar = GALORE_TORCH_PARITY_FULL if proj_type == "full" else GALORE_TORCH_PARITY
+    assert rel_err(w, w_ref) <= bar
     assert rel_err(b, b_ref) <= GALORE_TORCH_PARITY
     # galore-torch keeps right-side moments as (m × r); ours are canonical (r × k).
     exp_avg_ref = state_ref["exp_avg"]
     if resolve_side(proj_type, shape) == "right":
         exp_avg_ref = exp_avg_ref.T
-    assert rel_err(state["exp_avg"], exp_avg_ref) <= GALORE_TORCH_PARITY
+    assert rel_err(state["exp_avg"], exp_avg_ref) <= bar
     assert state["step"] == state_ref["step"] == STEPS
