@@ -77,11 +77,11 @@ def _result(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
     return {"params": [p.detach().clone() for p in model.parameters()], "states": states}
 
 
-def _train_mlp(name: str, k: int, rank: int | None) -> dict:
+def _train_mlp(name: str, k: int, rank: int | None, **reducer_options) -> dict:
     """Layer-wise training; ``rank`` None is the single process on the mean of both ranks' losses."""
     model = _mlp()
     opt = _optimizer(name, model, k)
-    reducer = LayerwiseDataParallel(opt) if rank is not None else None
+    reducer = LayerwiseDataParallel(opt, **reducer_options) if rank is not None else None
     elements = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the NaN step's skip warning
@@ -91,7 +91,7 @@ def _train_mlp(name: str, k: int, rank: int | None) -> dict:
                 opt.detach_hooks()
                 opt = _optimizer(name, model, k)
                 opt.load_state_dict(saved)
-                reducer = LayerwiseDataParallel(opt) if rank is not None else None
+                reducer = LayerwiseDataParallel(opt, **reducer_options) if rank is not None else None
             if reducer is not None:
                 reducer.elements_reduced = 0
             for micro in range(k):
@@ -150,11 +150,27 @@ def _train_branches(k: int, rank: int | None) -> dict:
     return _result(model, opt)
 
 
+def _refusals() -> list[str]:
+    """What LayerwiseDataParallel refuses once torch.distributed is up."""
+    messages = []
+    opt = _optimizer("GaLoreAdamW", _mlp(), 1)
+    for attempt in (lambda: LayerwiseDataParallel(opt, max_inflight_bytes=-1), lambda: LayerwiseDataParallel(opt),
+                    lambda: LayerwiseDataParallel(opt)):
+        try:
+            attempt()
+        except (ValueError, RuntimeError) as error:
+            messages.append(f"{type(error).__name__}: {error}")
+    return messages
+
+
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     init_gloo(rank, world_size, port)
     try:
         results = {f"mlp/{name}/{k}": _train_mlp(name, k, rank) for name in CASES for k in ACCUMULATION}
         results.update({f"branches/{k}": _train_branches(k, rank) for k in ACCUMULATION})
+        # Nothing in flight beyond one all-reduce: every hook waits for the previous send.
+        results["one_in_flight"] = _train_mlp("GaLoreAdamW8bit", 3, rank, max_inflight_bytes=0)
+        results["refusals"] = _refusals()
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -226,3 +242,23 @@ def test_hook_order_and_missing_gradients_are_handled(ranks, k):
     assert b_steps and all(step == STEPS - 1 for step in b_steps)  # step 5 did not count for b
     for result in ranks:
         _assert_follows(result[f"branches/{k}"], expected)
+
+
+def test_bytes_in_flight_do_not_change_the_result(ranks):
+    for result in ranks:
+        bounded, default = result["one_in_flight"], result["mlp/GaLoreAdamW8bit/3"]
+        assert all(torch.equal(a, b) for a, b in zip(bounded["params"], default["params"]))
+
+
+def test_bad_arguments_are_refused(ranks):
+    assert ranks[0]["refusals"] == [
+        "ValueError: max_inflight_bytes must be an int >= 0, got -1",
+        "RuntimeError: this optimizer already has a LayerwiseDataParallel",
+    ]
+    with pytest.raises(ValueError, match="needs a GaLore optimizer built with layerwise=True, got GaLoreAdamW with "
+                                         "layerwise=False; without layer-wise mode, wrap the model in Distributed"):
+        LayerwiseDataParallel(GaLoreAdamW(_mlp().parameters()))
+    with pytest.raises(ValueError, match="got SGD"):
+        LayerwiseDataParallel(torch.optim.SGD(_mlp().parameters()))
+    with pytest.raises(RuntimeError, match="needs torch.distributed: call init_process_group first"):
+        LayerwiseDataParallel(_optimizer("GaLoreAdamW", _mlp(), 1))

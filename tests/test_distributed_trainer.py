@@ -1,5 +1,6 @@
-"""A real 2-process GaLoreTrainer run (plain DDP over gloo on CPU, as torchrun would launch it): it learns,
-every process ends with the same weights, and a run resumed from its checkpoint ends equal to the
+"""Real 2-process GaLoreTrainer runs over gloo on CPU, as torchrun would launch them: a plain name (under
+Trainer's DDP) and a layer-wise one with gradient accumulation (LayerwiseDataParallel, no DDP). Each
+learns, every process ends with the same weights, and a run resumed from its checkpoint ends equal to the
 uninterrupted one."""
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ pytest.importorskip("accelerate")
 
 WORLD_SIZE = 2
 STEPS, CHECKPOINT = 10, 5
+# optim name → gradient_accumulation_steps
+RUNS = {"galore_adamw_8bit": 1, "galore_adamw_8bit_layerwise": 2}
 
 
-def _train(output_dir: str, resume: str | None = None) -> tuple[list[torch.Tensor], list[float]]:
+def _train(optim: str, output_dir: str, resume: str | None = None) -> tuple[list[torch.Tensor], list[float], float]:
     from transformers import TrainingArguments
 
     from galore_kernels.integrations.transformers import GaLoreTrainer
@@ -29,7 +32,8 @@ def _train(output_dir: str, resume: str | None = None) -> tuple[list[torch.Tenso
     data = [{"input_ids": t, "labels": t} for t in synthetic_tokens(96, 16, 128, gen)]
     args = TrainingArguments(
         output_dir=output_dir, use_cpu=True, ddp_backend="gloo", per_device_train_batch_size=4,
-        max_steps=STEPS, learning_rate=1e-2, optim="galore_adamw_8bit", optim_target_modules=["attn", "mlp"],
+        max_steps=STEPS, learning_rate=1e-2, optim=optim, optim_target_modules=["attn", "mlp"],
+        gradient_accumulation_steps=RUNS[optim],
         optim_args="rank=8,update_proj_gap=4", logging_steps=1, save_steps=CHECKPOINT, report_to=[], seed=0,
         data_seed=0, disable_tqdm=True, save_only_model=False,
     )
@@ -38,7 +42,8 @@ def _train(output_dir: str, resume: str | None = None) -> tuple[list[torch.Tenso
         warnings.simplefilter("ignore")
         trainer.train(resume_from_checkpoint=resume)
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    return [p.detach().clone() for p in trainer.model.parameters()], losses
+    norms = [log["grad_norm"] for log in trainer.state.log_history if "loss" in log]
+    return [p.detach().clone() for p in trainer.model.parameters()], losses, norms
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
@@ -48,9 +53,12 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     )
     torch.set_num_threads(1)
     try:
-        full, losses = _train(f"{out_dir}/full")
-        resumed, _ = _train(f"{out_dir}/full", resume=f"{out_dir}/full/checkpoint-{CHECKPOINT}")
-        torch.save({"full": full, "resumed": resumed, "losses": losses}, f"{out_dir}/rank{rank}.pt")
+        results = {}
+        for optim in RUNS:
+            full, losses, norms = _train(optim, f"{out_dir}/{optim}")
+            resumed, _, _ = _train(optim, f"{out_dir}/{optim}", resume=f"{out_dir}/{optim}/checkpoint-{CHECKPOINT}")
+            results[optim] = {"full": full, "resumed": resumed, "losses": losses, "grad_norms": norms}
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         # Trainer (accelerate) leaves its process group open; gloo's threads torn down at interpreter exit
         # abort the process now and then ("terminate called without an active exception").
@@ -58,12 +66,24 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
             torch.distributed.destroy_process_group()
 
 
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("trainer")
+    run_on_ranks(_worker, WORLD_SIZE, str(out_dir))
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+
+
 @pytest.mark.slow
-def test_two_process_galore_trainer_learns_and_resumes_identically(tmp_path):
-    run_on_ranks(_worker, WORLD_SIZE, str(tmp_path))
-    results = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
-    losses = results[0]["losses"]
+@pytest.mark.parametrize("optim", list(RUNS))
+def test_two_process_galore_trainer_learns_and_resumes_identically(ranks, optim):
+    losses = ranks[0][optim]["losses"]
     assert len(losses) == STEPS and sum(losses[-3:]) / 3 < 0.95 * losses[0]
-    for result in results:
-        assert all(torch.equal(a, b) for a, b in zip(result["full"], results[0]["full"]))
-        assert all(torch.equal(a, b) for a, b in zip(result["resumed"], result["full"]))
+    for result in ranks:
+        assert all(torch.equal(a, b) for a, b in zip(result[optim]["full"], ranks[0][optim]["full"]))
+        assert all(torch.equal(a, b) for a, b in zip(result[optim]["resumed"], result[optim]["full"]))
+
+
+@pytest.mark.slow
+def test_layerwise_grad_norm_is_logged_and_equal_on_every_process(ranks):
+    norms = [result["galore_adamw_8bit_layerwise"]["grad_norms"] for result in ranks]
+    assert all(norm > 0 for norm in norms[0]) and norms[0] == norms[1]

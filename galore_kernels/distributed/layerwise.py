@@ -14,8 +14,8 @@ The protocol keeps the same sequence of collectives on every process:
    first). From the second window on, the order is the one process 0's hooks fired in during the first
    window. A gradient that arrives before its turn waits in its window.
 2. **Agreement first.** Before the first data collective of a window, the processes all-gather a record on
-   a separate gloo group: window number, backward passes, number of parameters and a checksum of the plan
-   (each parameter's position and payload size). If the records differ, every process raises the same
+   a separate gloo group: window number, backward passes, number of parameters, elements to send and a
+   checksum of the plan (each parameter's position and payload shape). If the records differ, every process raises the same
    ``RuntimeError`` before any data moves. Without it, gloo aborts the process on a size mismatch, and two
    parameters of equal size would silently average into each other.
 3. **One all-reduce per parameter**, fp32 (float64 for float64 parameters). It carries the window's
@@ -227,10 +227,11 @@ class LayerwiseDataParallel:
             return
         self._plan = {param: self._payload(param) for param in self._order}
         layout = [(self._position[p], projected, tuple(shape)) for p, (projected, shape) in self._plan.items()]
-        record = (self._window, passes, len(layout), zlib.crc32(repr(layout).encode()))
+        elements = sum(shape.numel() for _, shape in self._plan.values())
+        record = (self._window, passes, len(layout), elements, zlib.crc32(repr(layout).encode()))
         records = self._all_gather(record, f"optimizer step {self._window}")
         if any(other != record for other in records):
-            fields = ("optimizer step", "backward passes", "parameters", "plan checksum")
+            fields = ("optimizer step", "backward passes", "parameters", "elements to send", "plan checksum")
             differing = [
                 f"{name}: " + ", ".join(f"process {i} {r[j]}" for i, r in enumerate(records))
                 for j, name in enumerate(fields)
@@ -246,7 +247,7 @@ class LayerwiseDataParallel:
 
     def _agree_on_parameters(self, hooked: list[torch.Tensor]) -> None:
         layout = [(tuple(p.shape), str(p.dtype)) for p in hooked]
-        record = (len(layout), zlib.crc32(repr(layout).encode()), 0, 0)
+        record = (len(layout), zlib.crc32(repr(layout).encode()), 0, 0, 0)
         records = self._all_gather(record, "construction")
         if any(other != record for other in records):
             counts = ", ".join(f"process {i} {r[0]}" for i, r in enumerate(records))

@@ -45,6 +45,7 @@ except ImportError as error:  # the package itself needs no transformers; only t
     ) from error
 
 from ..config import GaLoreConfig
+from ..distributed import LayerwiseDataParallel
 from ..optim import GaLoreAdamW, GaLoreAdamW8bit
 from ..optim.param_groups import galore_param_groups
 
@@ -194,7 +195,8 @@ class GaLoreGradNormCallback(TrainerCallback):
     :class:`GaLoreTrainer` does that itself.
 
     It also checks the layer-wise set-up when training starts. ``ValueError`` for: more than one process
-    (the hooks would step before gradients are all-reduced), ``fp16=True`` (the GradScaler unscales after
+    without :class:`~galore_kernels.distributed.LayerwiseDataParallel` attached (the hooks would step before
+    DDP all-reduces; :class:`GaLoreTrainer` attaches it), ``fp16=True`` (the GradScaler unscales after
     the parameters have stepped; ``bf16=True`` needs no scaler), and an optimizer whose
     ``accumulation_steps`` is smaller than ``gradient_accumulation_steps`` (it would step on partial sums);
     ``TrainingArguments.max_grad_norm > 0`` warns when the optimizer does not clip itself, as ``Trainer``'s
@@ -216,10 +218,13 @@ class GaLoreGradNormCallback(TrainerCallback):
     ) -> None:
         if not self.optimizer.layerwise:
             return
-        if args.world_size > 1:
+        hooks = self.optimizer.layerwise_hooks
+        if args.world_size > 1 and not isinstance(hooks.reducer, LayerwiseDataParallel):
             raise ValueError(
-                f"a layer-wise optimizer cannot train with {args.world_size} processes: its hooks step before "
-                "gradients are all-reduced; use a non-layer-wise name"
+                f"a layer-wise optimizer given to Trainer cannot train with {args.world_size} processes on its own: "
+                "Trainer's DDP would all-reduce after its hooks have stepped; let GaLoreTrainer build it from a "
+                "_layerwise optim name (it averages each gradient across processes with "
+                "galore_kernels.distributed.LayerwiseDataParallel), or use a non-layer-wise name"
             )
         if args.fp16:
             raise ValueError(
@@ -277,6 +282,13 @@ class GaLoreTrainer(Trainer):
     backward) and changes nothing, its cost being that of the norm ``Trainer`` computes for its logs
     either way.
 
+    On several processes (``torchrun``, ``accelerate launch``) the non-layer-wise names train under
+    ``Trainer``'s DDP. A layer-wise name is built with
+    :class:`~galore_kernels.distributed.LayerwiseDataParallel` instead, which averages each parameter's
+    gradient (its projection between refreshes) across processes inside backward. Accelerate then prepares
+    the model without its DDP wrapper (mixed precision and compilation still apply): DDP would keep a full
+    set of gradients in its buckets and all-reduce only after the parameters have stepped.
+
     For an optimizer of this package (built here or given in ``optimizers=``) it installs
     :class:`GaLoreGradNormCallback` first among the callbacks, so that the logs, ``trainer_state.json``
     and the ``report_to`` integrations get the optimizer's gradient norm in layer-wise mode, and the
@@ -295,10 +307,23 @@ class GaLoreTrainer(Trainer):
         name = OptimizerNames(self.args.optim).value
         if self.optimizer is None and self.optimizer_cls_and_kwargs is None and name in OPTIMIZER_NAMES:
             self.optimizer = self._create_galore_optimizer(self.model if model is None else model, name)
+            if self.optimizer.layerwise and self.args.world_size > 1:
+                self._average_layerwise_across_processes(self.optimizer)
         if isinstance(self.optimizer, GaLoreAdamW):
             self._install_grad_norm_callback(self.optimizer)
         # With self.optimizer set, Trainer only wraps it where it must (SageMaker model parallel).
         return super().create_optimizer(model)
+
+    def _average_layerwise_across_processes(self, optimizer: GaLoreAdamW) -> None:
+        """Attach LayerwiseDataParallel, and have accelerate prepare the model without DDP."""
+        LayerwiseDataParallel(optimizer)
+        prepare_model = self.accelerator.prepare_model
+
+        # Trainer has no switch for this; accelerate's evaluation_mode applies everything but the wrapper.
+        def prepare_model_without_ddp(model: nn.Module, device_placement: bool | None = None, **_: Any) -> nn.Module:
+            return prepare_model(model, device_placement=device_placement, evaluation_mode=True)
+
+        self.accelerator.prepare_model = prepare_model_without_ddp
 
     def _create_galore_optimizer(self, model: nn.Module, name: str) -> GaLoreAdamW:
         args = self.args
