@@ -150,6 +150,23 @@ def _train_branches(k: int, rank: int | None) -> dict:
     return _result(model, opt)
 
 
+def _sent_before_the_first_layer(rank: int) -> list[tuple[int, int]]:
+    """Per step: (elements sent when the first layer's weight gradient arrives, elements sent in all)."""
+    model = _mlp()
+    seen = []
+    # Registered before the optimizer's hooks, so it runs just before that weight's own hook.
+    model[0].weight.register_post_accumulate_grad_hook(lambda _: seen.append(reducer.elements_reduced))
+    opt = _optimizer("GaLoreAdamW", model, 1)
+    reducer = LayerwiseDataParallel(opt)
+    counts = []
+    for step in range(4):
+        reducer.elements_reduced = 0
+        _mlp_loss(model, step, 0, rank).backward()
+        opt.step()
+        counts.append((seen[-1], reducer.elements_reduced))
+    return counts
+
+
 def _refusals() -> list[str]:
     """What LayerwiseDataParallel refuses once torch.distributed is up."""
     messages = []
@@ -171,6 +188,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         # Nothing in flight beyond one all-reduce: every hook waits for the previous send.
         results["one_in_flight"] = _train_mlp("GaLoreAdamW8bit", 3, rank, max_inflight_bytes=0)
         results["refusals"] = _refusals()
+        results["sent_mid_backward"] = _sent_before_the_first_layer(rank)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -262,3 +280,10 @@ def test_bad_arguments_are_refused(ranks):
         LayerwiseDataParallel(torch.optim.SGD(_mlp().parameters()))
     with pytest.raises(RuntimeError, match="needs torch.distributed: call init_process_group first"):
         LayerwiseDataParallel(_optimizer("GaLoreAdamW", _mlp(), 1))
+
+
+def test_sends_start_inside_backward(ranks):
+    """Overlap: by the time the first layer's gradient arrives, the last layer's windows are on the wire."""
+    for result in ranks:
+        for sent_then, sent_in_all in result["sent_mid_backward"]:
+            assert 0 < sent_then < sent_in_all
