@@ -71,12 +71,40 @@ def test_layerwise_smoke(capsys):
 def test_data_parallel_smoke_counts_what_each_mode_all_reduces(capsys):
     out = _tables(capsys, ["bench", "--only", "data_parallel", "--smoke", "--device", "cpu"])
     assert "2 × Linear(64, 64) fp32, GaLoreAdamW8bit r=8" in out
-    rows = {row.split(" | ")[0][2:]: row for row in _rows(out, "| plain") + _rows(out, "| low-rank")}
+    assert "2 processes (gloo, 127.0.0.1, 1 thread each)" in out
+    modes = ("| plain", "| low-rank", "| layer-wise")
+    rows = {row.split(" | ")[0][2:]: row for prefix in modes for row in _rows(out, prefix)}
     assert list(rows) == list(data_parallel.MODES)
     # Two 64 × 64 weights: plain DDP sends 8,192 elements every step; the hook sends S (8 × 64 each)
-    # between refreshes and the full gradients on the refresh step.
+    # between refreshes and the full gradients on the refresh step; layer-wise data parallel sends what
+    # the hook does plus one presence element per weight.
     assert "| 8,192 | 0.0 | 8,192 |" in rows["plain DDP"]
     assert "| 1,024 | 0.0 | 8,192 |" in rows["low-rank hook"]
+    assert "| 1,026 | 0.0 | 8,194 |" in rows["layer-wise"]
+
+
+def test_data_parallel_on_one_gpu_says_two_are_needed(capsys, monkeypatch):
+    """The CUDA run needs 2 GPUs (NCCL, one per process): with one it prints why and runs nothing."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "one test GPU")
+    settings = data_parallel.SIZES["smoke"]
+    assert list(data_parallel.measure(settings, "cuda")) == []
+    data_parallel.print_table(data_parallel.measure(settings, "cuda"), settings, "cuda")
+    environment_line, reason = capsys.readouterr().out.splitlines()
+    assert environment_line.split(" | ")[1].startswith("one test GPU")
+    assert reason == (
+        "skipped: the CUDA run needs 2 GPUs (NCCL, one GPU per process; NCCL does not run 2 ranks on one GPU "
+        "reliably), 1 visible"
+    )
+    assert data_parallel.missing_gpus("cpu") is None
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="checks a machine with fewer than 2 GPUs")
+def test_nccl_needs_a_gpu_per_process():
+    from galore_kernels.distributed.launch import init_nccl
+
+    with pytest.raises(RuntimeError, match=f"NCCL with 2 processes needs 2 GPUs, {torch.cuda.device_count()} visible"):
+        init_nccl(0, 2, port=0)  # refused before any process group exists
 
 
 def test_gpu_smoke(capsys):
@@ -143,7 +171,7 @@ def test_bad_arguments_are_usage_errors(capsys, argv):
 
 
 def test_every_benchmark_has_the_cli_interface():
-    for module in (gpu, refresh, step, layerwise):
+    for module in (gpu, refresh, step, layerwise, data_parallel):
         assert set(module.SIZES) == {"full", "quick", "smoke"}
         assert callable(module.measure) and callable(module.print_table) and module.TITLE
 

@@ -1,6 +1,7 @@
 """``galore-kernels train``: a small comparison run writes its table, curves and numbers; bad input is one line."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -10,7 +11,9 @@ import pytest
 
 from case_ids import named_by_inputs
 from galore_kernels.cli import main
+from galore_kernels.training.compare import AllReduced, RunConfig, RunResult, tiny_llama
 from galore_kernels.training.corpus import CharTokenizer, make_corpus, split_tokens
+from galore_kernels.training.report import table
 
 SMALL = ["--steps", "16", "--hidden-size", "32", "--layers", "1", "--heads", "2", "--seq-len", "32",
          "--batch-size", "4", "--rank", "4", "-T", "6", "--no-progress"]
@@ -63,12 +66,24 @@ def test_train_writes_the_table_the_curves_and_the_numbers(tmp_path, capsys):
         (["--seed", "-1"], "--seed must be in [0, 2^32)"),
         (["--seq-len", "100000"], "must be below the validation text's 40,008 characters"),
         (["--rank", "0", "--traceback"], "--rank must be >= 1"),  # --traceback after the subcommand is accepted
+        (["--nproc", "0"], "--nproc must be >= 1, got 0"),
+        (["--nproc", "2", "--batch-size", "3"], "--batch-size 3 must be a multiple of --nproc 2"),
+        (["--nproc", "2", "--device", "cuda"], "multi-GPU training (NCCL) is not built into train"),
+        (["--nproc", "4096", "--batch-size", "4096"], "--nproc 4096: this machine has"),
     ]),
 )
 def test_bad_input_is_one_line(arguments, message, tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path), *arguments]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_nproc_that_is_not_a_number_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--nproc", "two"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--nproc: invalid int value: 'two'" in err and err.count("\n") == 1
 
 
 def test_unwritable_output_folder_is_refused_before_training(tmp_path, capsys):
@@ -222,3 +237,55 @@ def test_the_default_run_learns_and_galore_stays_close_to_adamw(tmp_path, capsys
     for name in expected - {"adamw"}:  # measured: 6% below AdamW's
         assert abs(results[name]["final_validation_loss"] / adamw - 1) < 0.10, name
     assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_two_processes_count_what_each_optimizer_all_reduces(tmp_path, capsys):
+    """`--nproc 2` (about 25 s on 2 CPU cores): plain DDP all-reduces every gradient element at every step;
+    the low-rank hook and layer-wise data parallel all of them on refresh steps only, S between them."""
+    pytest.importorskip("matplotlib")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs 2 CPU cores")
+    names = "adamw,galore_adamw,galore_adamw_8bit_layerwise"
+    assert main(["train", "--nproc", "2", "--optimizers", names, "--out", str(tmp_path), *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert "all-reduced/step  bytes/step" in printed and "2 processes (gloo" in printed
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["processes"] == 2
+    results = {r["name"]: r for r in payload["results"]}
+    assert list(results) == names.split(",")
+
+    model = tiny_llama(RunConfig(hidden_size=32, layers=1, heads=2, seq_len=32), _vocab_size())
+    gradient_elements = sum(p.numel() for p in model.parameters())
+    parameters = len(list(model.parameters()))
+    plain = results["adamw"]["all_reduced"]
+    assert plain["via"] == "plain DDP" and plain["elements_per_step"] == [gradient_elements] * 16
+    assert plain["bytes_per_element"] == 4 and plain["mean_bytes_per_step"] == 4 * gradient_elements
+    refreshes = {0, 6, 12}  # -T 6: the projectors refresh at optimizer steps 0, 6 and 12
+    # Layer-wise data parallel adds one presence element per parameter to every all-reduce.
+    for name, extra in (("galore_adamw", 0), ("galore_adamw_8bit_layerwise", parameters)):
+        counts = results[name]["all_reduced"]["elements_per_step"]
+        assert [i for i, n in enumerate(counts) if n == gradient_elements + extra] == sorted(refreshes), name
+        assert all(counts[i] < gradient_elements for i in range(16) if i not in refreshes), name
+        assert results[name]["all_reduced"]["mean_elements_per_step"] < gradient_elements
+    for r in results.values():
+        assert all(math.isfinite(loss) for loss in r["train_losses"]), r["name"]
+        assert r["final_validation_loss"] < r["initial_validation_loss"], r["name"]
+        assert r["tokens_per_second"] > 0
+
+
+def _vocab_size() -> int:
+    return CharTokenizer(make_corpus(seed=0)).vocab_size
+
+
+def test_the_table_shows_what_a_data_parallel_run_all_reduced():
+    def result(name, all_reduced):
+        return RunResult(name, 1e-3, [3.0], [(0, 4.0), (1, 3.0)], 100.0, 1024, 4096, 1.0, all_reduced)
+
+    rows = table([result("adamw", AllReduced("plain DDP", [2048, 2048], 4)),
+                  result("galore_adamw", AllReduced("DDP + low_rank_hook", [2048, 512, 512, 512], 4))], {}, "cpu")
+    header, adamw, galore = rows.splitlines()
+    assert header.split()[9:11] == ["all-reduced/step", "bytes/step"]
+    assert adamw.split()[6:9] == ["2,048", "8.00", "KiB"]
+    assert galore.split()[6:9] == ["896", "3.50", "KiB"]  # the mean: one refresh step of the full 2,048
+    assert "all-reduced" not in table([result("adamw", None)], {}, "cpu")  # one process: today's columns

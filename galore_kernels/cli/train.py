@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,8 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "and validation loss, tokens/s, optimizer-state bytes, peak memory: the allocator's on CUDA, weights + "
             "gradients + optimizer state on a CPU) and writes it with the loss "
             "curves (PNG) and all numbers (JSON) into the output folder. The defaults finish in about 2 minutes "
-            f"on 2 CPU cores. Optimizers: {', '.join(OPTIMIZERS)}. Ctrl-C keeps and writes the finished runs (exit "
-            "status 130)."
+            f"on 2 CPU cores. Optimizers: {', '.join(OPTIMIZERS)}. With --nproc N each optimizer trains data "
+            "parallel on N local CPU processes and the table adds what its steps all-reduce. Ctrl-C keeps and "
+            "writes the finished runs (exit status 130)."
         ),
     )
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS),
@@ -51,6 +54,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="learning rate of one selected optimizer, e.g. --lr adamw=1e-3 (repeatable; default: "
                         + ", ".join(f"{name} {lr:g}" for name, (_, lr) in OPTIMIZERS.items()) + ")")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train")
+    parser.add_argument("--nproc", type=int, default=1,
+                        help="local CPU processes (gloo over 127.0.0.1, one thread each) to train each optimizer on, "
+                        "data parallel, each with an equal share of every batch: AdamW and bnb AdamW8bit through "
+                        "plain DDP, GaLore through DDP with the low-rank hook, layer-wise through "
+                        "LayerwiseDataParallel; adds the elements and bytes all-reduced per step to the table")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="initial weights, batches and sketches")
     parser.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: ./{DEFAULT_OUT})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -67,7 +75,8 @@ def _config(args: argparse.Namespace) -> tuple[list[str], RunConfig]:
     unknown = [n for n in names if n not in OPTIMIZERS]
     if unknown or not names:
         raise CLIError(f"unknown optimizer {', '.join(unknown) or '(none given)'}; choose from {', '.join(OPTIMIZERS)}")
-    for option in ("steps", "hidden_size", "layers", "heads", "seq_len", "batch_size", "rank", "update_proj_gap"):
+    for option in ("steps", "hidden_size", "layers", "heads", "seq_len", "batch_size", "rank", "update_proj_gap",
+                   "nproc"):
         if getattr(args, option) < 1:
             raise CLIError(f"--{option.replace('_', '-')} must be >= 1, got {getattr(args, option)}")
     if args.hidden_size % args.heads or (args.hidden_size // args.heads) % 2:
@@ -77,6 +86,8 @@ def _config(args: argparse.Namespace) -> tuple[list[str], RunConfig]:
         raise CLIError(f"--scale must be a finite number > 0, got {args.scale}")
     if not 0 <= args.seed < 2**32:
         raise CLIError(f"--seed must be in [0, 2^32), got {args.seed}")
+    if args.nproc > 1:
+        _check_processes(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CLIError("--device cuda: no CUDA device is visible to torch")
     lrs = {}
@@ -99,6 +110,19 @@ def _config(args: argparse.Namespace) -> tuple[list[str], RunConfig]:
         seed=args.seed, device=args.device, lr=lrs,
     )
     return names, settings
+
+
+def _check_processes(args: argparse.Namespace) -> None:
+    """Refuse what a run on ``--nproc`` > 1 processes cannot do."""
+    if args.device == "cuda":
+        raise CLIError(f"--nproc {args.nproc} trains on CPU processes (gloo); multi-GPU training (NCCL) is not "
+                       "built into train: use --device cpu, or --nproc 1 on the GPU")
+    if args.batch_size % args.nproc:
+        raise CLIError(f"--batch-size {args.batch_size} must be a multiple of --nproc {args.nproc}: each process "
+                       "takes an equal share of every batch, so the global batch stays the 1-process run's")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if args.nproc > cores:  # more would time-share the cores: tokens/s would measure the oversubscription
+        raise CLIError(f"--nproc {args.nproc}: this machine has {cores} CPU cores; each process trains on one")
 
 
 def _output_folder(path: str) -> Path:
@@ -135,7 +159,10 @@ def run(args: argparse.Namespace) -> int:
 
     from ..benchmarks.harness import environment
     from ..training.compare import OPTIMIZERS, Diverged, Unavailable, run_optimizer
+    from ..training.data_parallel import run_data_parallel
     from ..training.report import plot_losses, table, write_json
+
+    train = run_optimizer if args.nproc == 1 else functools.partial(run_data_parallel, nproc=args.nproc)
 
     header = environment(settings.device)
     print(header)
@@ -145,6 +172,9 @@ def run(args: argparse.Namespace) -> int:
         f"{settings.seq_len} tokens; GaLore r={settings.rank} T={settings.update_proj_gap} "
         f"α={settings.scale}; corpus {len(splits.train):,} training / {len(splits.validation):,} validation characters"
     )
+    if args.nproc > 1:
+        print(f"data parallel: {args.nproc} processes (gloo, 127.0.0.1, 1 thread each), "
+              f"{settings.batch_size // args.nproc} sequences each per step")
     results, skipped = [], {}
     interrupted, unfinished = False, []
     started = time.perf_counter()
@@ -160,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
 
                 done = bar.n
                 try:
-                    results.append(run_optimizer(name, settings, splits, tokenizer.vocab_size, progress))
+                    results.append(train(name, settings, splits, tokenizer.vocab_size, progress))
                 except (Unavailable, Diverged) as reason:
                     skipped[name] = str(reason)
                 except Exception as error:  # one optimizer failing must not discard the others' finished runs
@@ -173,9 +203,16 @@ def run(args: argparse.Namespace) -> int:
         for name in unfinished:
             skipped[name] = "interrupted" if name == unfinished[0] else "interrupted before it started"
     report = table(results, skipped, settings.device)
+    if any(r.all_reduced is not None for r in results):
+        report += (
+            f"\nall-reduced/step: the mean over the {settings.steps} steps (a refresh step, every "
+            f"{settings.update_proj_gap}, sends GaLore's full gradients); tokens/s: all {args.nproc} processes'; "
+            "state and peak: process 0's"
+        )
     print(report)
     (folder / "results.txt").write_text(f"{header}\n{report}\n")
-    write_json(folder / "results.json", settings, results, skipped, header, interrupted=interrupted)
+    write_json(folder / "results.json", settings, results, skipped, header, interrupted=interrupted,
+               processes=args.nproc)
     if results:
         title = f"{settings.steps} steps, Llama h={settings.hidden_size} L={settings.layers}"
         plot_losses(folder / "loss_curves.png", results, title)

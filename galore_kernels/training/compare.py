@@ -5,6 +5,9 @@ validation windows, so the losses compare directly. Measured per run: training a
 tokens per second, optimizer-state bytes and peak memory (the allocator's peak on CUDA; on the CPU the
 peak of weights + live gradients + optimizer state, observed from every gradient hook, since the CPU
 allocator keeps no statistics).
+
+A run is one process by default (:class:`OneProcess`); ``galore-kernels train --nproc N`` runs it on N
+processes through :mod:`.data_parallel`, which shards the batches and all-reduces through the same loop.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -22,7 +26,10 @@ from ..optim.param_groups import galore_param_groups
 from .memory_plan import state_bytes
 from .corpus import TokenSplits
 
-__all__ = ["OPTIMIZERS", "Diverged", "RunConfig", "RunResult", "Unavailable", "tiny_llama", "run_optimizer"]
+__all__ = [
+    "OPTIMIZERS", "AllReduced", "Diverged", "OneProcess", "RunConfig", "RunResult", "Unavailable",
+    "import_bitsandbytes", "tiny_llama", "run_optimizer",
+]
 
 # name → (label, default learning rate): each the best of a sweep on the default run (160 steps, final
 # validation loss; `galore-kernels train --lr NAME=VALUE`, 2026-11-29): AdamW 1e-3 0.395, 3e-3 0.451, 1e-2
@@ -43,6 +50,7 @@ class Diverged(Exception):
 
     def __init__(self, step: int, loss: float) -> None:
         super().__init__(f"diverged: loss {loss} at step {step}")
+        self.step, self.loss = step, loss
 
 
 class Unavailable(Exception):
@@ -78,6 +86,29 @@ class RunConfig:
 
 
 @dataclass
+class AllReduced:
+    """What a data-parallel run all-reduced: ``elements`` per optimizer step, each of ``element_bytes``,
+    sent ``via`` plain DDP, the low-rank hook or layer-wise data parallel.
+
+    >>> AllReduced("plain DDP", [10, 10, 4], 4).mean_bytes
+    32.0
+    """
+
+    via: str
+    elements: list[int]
+    element_bytes: int
+
+    @property
+    def mean_elements(self) -> float:
+        """Per optimizer step, over the whole run: refresh steps, which send full gradients, included."""
+        return sum(self.elements) / len(self.elements) if self.elements else math.nan
+
+    @property
+    def mean_bytes(self) -> float:
+        return self.mean_elements * self.element_bytes
+
+
+@dataclass
 class RunResult:
     """One optimizer's run: its curves and measurements (tokens/s leaves out step 1's one-time costs, so a
     1-step run's is NaN: the report prints it as "n/a" and writes null)."""
@@ -90,6 +121,7 @@ class RunResult:
     state_bytes: int
     peak_bytes: int
     seconds: float
+    all_reduced: AllReduced | None = None  # None on one process
 
     @property
     def final_train_loss(self) -> float:
@@ -125,17 +157,22 @@ def tiny_llama(settings: RunConfig, vocab_size: int) -> torch.nn.Module:
     return LlamaForCausalLM(config)
 
 
+def import_bitsandbytes() -> Any:
+    """The bitsandbytes module; :class:`Unavailable` if it does not import."""
+    try:
+        import bitsandbytes
+    except ImportError as error:
+        raise Unavailable(f"bitsandbytes is not installed ({error})") from None
+    return bitsandbytes
+
+
 def make_optimizer(name: str, model: torch.nn.Module, settings: RunConfig) -> torch.optim.Optimizer:
     """The optimizer ``name`` of :data:`OPTIMIZERS` for ``model``; :class:`Unavailable` if it cannot run."""
     lr = settings.learning_rate(name)
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     if name == "adamw8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as error:
-            raise Unavailable(f"bitsandbytes is not installed ({error})") from None
-        return bnb.optim.AdamW8bit(model.parameters(), lr=lr, weight_decay=0.0)
+        return import_bitsandbytes().optim.AdamW8bit(model.parameters(), lr=lr, weight_decay=0.0)
     # galore-torch's recipe: the nn.Linear weights of attention and MLP blocks are projected, the rest is AdamW.
     groups = galore_param_groups(
         model, ["self_attn", "mlp"], rank=settings.rank, update_proj_gap=settings.update_proj_gap, scale=settings.scale
@@ -161,6 +198,30 @@ def _state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return sum(state_bytes(state) for state in optimizer.state.values())
 
 
+class OneProcess:
+    """How a run is spread over processes: here, not at all. The training loop calls these for every run;
+    :class:`galore_kernels.training.data_parallel.Rank` is one process's part of a run on several."""
+
+    def wrap(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
+        """The module the loop calls forward on (its parameters are ``model``'s)."""
+        return model
+
+    def shard(self, batch: torch.Tensor) -> torch.Tensor:
+        """This process's rows of a batch."""
+        return batch
+
+    def mean(self, value: float) -> float:
+        """The mean over the processes of a number each computed on its shard."""
+        return value
+
+    def step_done(self) -> None:
+        """After each ``optimizer.step()``: count what it all-reduced."""
+
+    def all_reduced(self) -> AllReduced | None:
+        """What the run all-reduced (None: nothing, on one process)."""
+        return None
+
+
 @torch.no_grad()
 def _validation_loss(model: torch.nn.Module, batches: list[torch.Tensor], device: str) -> float:
     model.eval()
@@ -170,9 +231,17 @@ def _validation_loss(model: torch.nn.Module, batches: list[torch.Tensor], device
 
 
 def run_optimizer(
-    name: str, settings: RunConfig, splits: TokenSplits, vocab_size: int, progress: Callable[[int, float], None]
+    name: str,
+    settings: RunConfig,
+    splits: TokenSplits,
+    vocab_size: int,
+    progress: Callable[[int, float], None],
+    processes: OneProcess | None = None,
 ) -> RunResult:
-    """Train from the seed's initial weights with optimizer ``name``; ``progress(step, loss)`` after each step."""
+    """Train from the seed's initial weights with optimizer ``name``; ``progress(step, loss)`` after each step.
+    ``processes``: this process's part of a data-parallel run (one process when None); losses are then
+    the means over all processes, everything else this process's."""
+    processes = processes or OneProcess()
     model = tiny_llama(settings, vocab_size).to(settings.device)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     peak = [0]
@@ -194,10 +263,17 @@ def run_optimizer(
     # The hooks close over the model: removed at the end, or each run's model would outlive it.
     handles = [p.register_post_accumulate_grad_hook(observe) for p in model.parameters()] if on_cpu else []
     holder["opt"] = optimizer = make_optimizer(name, model, settings)
+    forward = processes.wrap(model, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / settings.warmup_steps))
     train_batches = _batches(splits.train, settings, settings.steps, settings.seed + 1)
-    validation_batches = _batches(splits.validation, settings, settings.eval_batches, settings.seed + 2)
-    validation = [(0, _validation_loss(model, validation_batches, settings.device))]
+    validation_batches = [
+        processes.shard(b) for b in _batches(splits.validation, settings, settings.eval_batches, settings.seed + 2)
+    ]
+
+    def validation_loss() -> float:  # the unwrapped model: evaluation needs no gradient all-reduce
+        return processes.mean(_validation_loss(model, validation_batches, settings.device))
+
+    validation = [(0, validation_loss())]
     if not on_cpu:
         torch.cuda.reset_peak_memory_stats(settings.device)
     losses: list[float] = []
@@ -205,25 +281,29 @@ def run_optimizer(
     try:
         for step, batch in enumerate(train_batches, start=1):
             start = time.perf_counter()
-            batch = batch.to(settings.device)
-            loss = model(input_ids=batch, labels=batch).loss
+            batch = processes.shard(batch).to(settings.device)
+            loss = forward(input_ids=batch, labels=batch).loss
             loss.backward()
             optimizer.step()
+            processes.step_done()
             if on_cpu:
                 observe()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())  # the sync also closes the step's timing on CUDA
+            local_loss = loss.item()  # the sync also closes the step's timing on CUDA
             if step > 1:  # step 1 pays one-time costs (Triton compiles, cuBLAS handles): not throughput
                 train_seconds += time.perf_counter() - start
+            # The mean over processes: every process takes the same decision on divergence.
+            losses.append(processes.mean(local_loss))
             if not math.isfinite(losses[-1]):
                 raise Diverged(step, losses[-1])
             if step % settings.eval_every == 0 or step == settings.steps:
-                validation.append((step, _validation_loss(model, validation_batches, settings.device)))
+                validation.append((step, validation_loss()))
             progress(step, losses[-1])
     finally:
         for handle in handles:
             handle.remove()
+    # batch_size is the global batch: on several processes, tokens/s counts all of them.
     timed_tokens = (settings.steps - 1) * settings.batch_size * settings.seq_len
     return RunResult(
         name=name,
@@ -234,4 +314,5 @@ def run_optimizer(
         state_bytes=_state_bytes(optimizer),
         peak_bytes=torch.cuda.max_memory_allocated(settings.device) if not on_cpu else peak[0],
         seconds=train_seconds,
+        all_reduced=processes.all_reduced(),
     )

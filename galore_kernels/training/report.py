@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from .compare import OPTIMIZERS, RunConfig, RunResult
+from .compare import OPTIMIZERS, AllReduced, RunConfig, RunResult
 
 __all__ = ["format_bytes", "table", "write_json", "plot_losses", "finite_or_none"]
 
@@ -29,14 +29,26 @@ def _cell(value: float, spec: str) -> str:
     return format(value, spec) if math.isfinite(value) else NOT_AVAILABLE
 
 
+def _all_reduced_cells(r: RunResult) -> str:
+    """The mean elements and bytes all-reduced per optimizer step, each right-aligned in its column."""
+    if r.all_reduced is None:
+        return f"{NOT_AVAILABLE:>18}{NOT_AVAILABLE:>12}"
+    mean_bytes = r.all_reduced.mean_bytes
+    size = format_bytes(round(mean_bytes)) if math.isfinite(mean_bytes) else NOT_AVAILABLE
+    return f"{_cell(r.all_reduced.mean_elements, ',.0f'):>18}{size:>12}"
+
+
 def table(results: list[RunResult], skipped: dict[str, str], device: str) -> str:
-    """One row per optimizer; validation loss also relative to AdamW's when AdamW ran. A number that does
-    not exist (NaN, infinite) prints as "n/a"."""
+    """One row per optimizer; validation loss also relative to AdamW's when AdamW ran. A data-parallel run
+    (any result with ``all_reduced``) adds the mean elements and bytes all-reduced per optimizer step after
+    tokens/s. A number that does not exist (NaN, infinite) prints as "n/a"."""
     reference = next((r.final_validation_loss for r in results if r.name == "adamw"), None)
     peak = "peak memory" if device != "cpu" else "peak w+g+state"
+    parallel = any(r.all_reduced is not None for r in results)
+    reduced_header = f"{'all-reduced/step':>18}{'bytes/step':>12}" if parallel else ""
     lines = [
         f"{'optimizer':<28}{'lr':>8}{'train loss':>12}{'val loss':>10}{'vs AdamW':>10}{'tokens/s':>10}"
-        f"{'opt. state':>13}{peak:>16}"
+        f"{reduced_header}{'opt. state':>13}{peak:>16}"
     ]
     for r in results:
         versus = "—"
@@ -47,6 +59,7 @@ def table(results: list[RunResult], skipped: dict[str, str], device: str) -> str
         lines.append(
             f"{OPTIMIZERS[r.name][0]:<28}{r.lr:>8.0e}{_cell(r.final_train_loss, '.4g'):>12}"
             f"{_cell(r.final_validation_loss, '.4g'):>10}{versus:>10}{_cell(r.tokens_per_second, ',.0f'):>10}"
+            f"{_all_reduced_cells(r) if parallel else ''}"
             f"{format_bytes(r.state_bytes):>13}{format_bytes(r.peak_bytes):>16}"
         )
     for name, reason in skipped.items():
@@ -78,12 +91,16 @@ def write_json(
     header: str,
     *,
     interrupted: bool = False,
+    processes: int = 1,
 ) -> None:
     """Every number of the comparison as strict JSON: a NaN or infinite number (tokens/s of a 1-step run)
-    is ``null``. ``interrupted``: Ctrl-C stopped the comparison, so some optimizers did not run."""
+    is ``null``. ``interrupted``: Ctrl-C stopped the comparison, so some optimizers did not run. A
+    data-parallel run (``processes`` > 1) adds ``"processes"`` and, per result, ``"all_reduced"``: how,
+    the elements of every optimizer step, bytes per element and the means per step."""
     payload = {
         "environment": header,
         "interrupted": interrupted,
+        **({"processes": processes} if processes > 1 else {}),
         "config": dataclasses.asdict(settings),
         "results": [
             {
@@ -98,12 +115,23 @@ def write_json(
                 "train_seconds": r.seconds,
                 "train_losses": r.train_losses,
                 "validation": r.validation,
+                **({"all_reduced": _all_reduced_json(r.all_reduced)} if r.all_reduced is not None else {}),
             }
             for r in results
         ],
         "skipped": skipped,
     }
     path.write_text(json.dumps(finite_or_none(payload), indent=1, allow_nan=False))
+
+
+def _all_reduced_json(reduced: AllReduced) -> dict[str, Any]:
+    return {
+        "via": reduced.via,
+        "elements_per_step": reduced.elements,
+        "bytes_per_element": reduced.element_bytes,
+        "mean_elements_per_step": reduced.mean_elements,
+        "mean_bytes_per_step": reduced.mean_bytes,
+    }
 
 
 def plot_losses(path: Path, results: list[RunResult], title: str) -> None:
