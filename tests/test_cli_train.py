@@ -241,7 +241,7 @@ def test_the_default_run_learns_and_galore_stays_close_to_adamw(tmp_path, capsys
 
 @pytest.mark.slow
 def test_two_processes_count_what_each_optimizer_all_reduces(tmp_path, capsys):
-    """`--nproc 2` (about 25 s on 2 CPU cores): plain DDP all-reduces every gradient element at every step;
+    """`--nproc 2` (about 20 s on 2 CPU cores): plain DDP all-reduces every gradient element at every step;
     the low-rank hook and layer-wise data parallel all of them on refresh steps only, S between them."""
     pytest.importorskip("matplotlib")
     if len(os.sched_getaffinity(0)) < 2:
