@@ -62,6 +62,9 @@ class GaLoreConfig:
     svd: str = "randomized"
     svd_oversample: int = 8
     svd_power_iters: int = 2
+    # How a DTensor (FSDP2) weight's projector is recomputed: "auto" picks per shape, "sketch" runs the
+    # randomized SVD through all-reduces, "gather" refreshes on one process (galore_kernels.sharded.refresh).
+    sharded_refresh: str = "auto"
     # Each ≥3-D parameter of the group is a stack of matrices (experts × out × in, as transformers stores
     # mixture-of-experts weights), each projected with its own projector; otherwise (shape[0], rest).
     experts: bool = False

@@ -23,6 +23,7 @@ __all__ = [
     "oriented",
     "compute_projector",
     "compute_full_projectors",
+    "canonical_signs",
 ]
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
@@ -88,6 +89,21 @@ def _orthonormal_columns(y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(y, mode="reduced").Q
 
 
+def canonical_signs(basis: torch.Tensor) -> torch.Tensor:
+    """``basis`` with each column's sign chosen so that its entry of largest magnitude is positive.
+
+    A singular vector is defined up to sign, and which sign an SVD or eigh returns depends on rounding;
+    fixing it lets a refresh computed another way (sharded across processes, docs/DESIGN.md §10) give the
+    same projector rows, so the moments kept across refreshes mean the same thing on every path.
+    """
+    return basis * _max_entry_signs(basis)
+
+
+def _max_entry_signs(basis: torch.Tensor) -> torch.Tensor:
+    index = basis.abs().argmax(dim=-2, keepdim=True)
+    return torch.where(basis.gather(-2, index) < 0, -1.0, 1.0).to(basis.dtype)
+
+
 Sketch = Callable[[torch.Tensor, int, int], torch.Tensor]
 
 
@@ -121,7 +137,9 @@ def _randomized_range(
         # top-r energy rises from 0.990 to 0.997 for one extra QR and a 2×-wide final SVD.
         q = _orthonormal_columns(torch.cat([previous, q], dim=-1))
     small_u, _, small_vh = torch.linalg.svd(q.mT @ g, full_matrices=False)
-    return q @ small_u[..., :rank], small_vh[..., :rank, :]
+    u_r = q @ small_u[..., :rank]
+    signs = _max_entry_signs(u_r)  # 1 × r: the pair (u_i, v_i) flips together
+    return u_r * signs, small_vh[..., :rank, :] * signs.mT
 
 
 def compute_projector(

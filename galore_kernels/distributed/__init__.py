@@ -15,9 +15,15 @@ window (its projection between refreshes) is averaged across processes inside ba
 
     optimizer = GaLoreAdamW8bit(groups, lr=1e-3, layerwise=True, accumulation_steps=4)
     LayerwiseDataParallel(optimizer)
+
+Under FSDP2 (``fully_shard``) the optimizers take the sharded parameters as they are; ``kept_dim_placement_fn``
+slices each GaLore weight along the dimension its projection keeps, so its steps need no communication::
+
+    fully_shard(model, shard_placement_fn=kept_dim_placement_fn(galore_weights, world_size))
 """
 
+from .fsdp import kept_dim_placement_fn
 from .layerwise import LayerwiseDataParallel
 from .low_rank import LowRankHookState, low_rank_hook
 
-__all__ = ["LayerwiseDataParallel", "LowRankHookState", "low_rank_hook"]
+__all__ = ["LayerwiseDataParallel", "LowRankHookState", "kept_dim_placement_fn", "low_rank_hook"]

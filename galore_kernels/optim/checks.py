@@ -19,6 +19,7 @@ __all__ = ["NONFINITE_MODES", "REFRESH_SCHEDULES", "check_hyper", "check_group",
 
 NONFINITE_MODES = ("skip", "raise")
 REFRESH_SCHEDULES = ("aligned", "spread")
+SHARDED_REFRESHES = ("auto", "sketch", "gather")
 
 
 def _real(name: str, value: Any) -> float:
@@ -68,6 +69,11 @@ def check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"svd must be one of {SVD_METHODS}, got {group['svd']!r}")
     _int("svd_oversample", group["svd_oversample"], 0)
     _int("svd_power_iters", group["svd_power_iters"], 0)
+    if group["sharded_refresh"] not in SHARDED_REFRESHES:
+        raise ValueError(f"sharded_refresh must be one of {SHARDED_REFRESHES}, got {group['sharded_refresh']!r}")
+    if group["sharded_refresh"] == "sketch" and group["svd"] != "randomized":
+        raise ValueError("sharded_refresh='sketch' is the randomized SVD; it needs svd='randomized' "
+                         f"(got svd={group['svd']!r}): use sharded_refresh='auto' or 'gather'")
     if not isinstance(group["experts"], bool):
         raise ValueError(f"experts must be True or False, got {group['experts']!r}")
     if group["experts"] and group["proj_type"] == "full":

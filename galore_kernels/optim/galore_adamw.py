@@ -14,6 +14,9 @@ import torch
 from .. import functional, reference
 from ..config import AdamHyper, GaLoreConfig
 from ..projector import resolve_side
+from ..sharded import (
+    gradient_norms, init_sharded_state, is_sharded, sharded_adamw, sharded_galore_step,
+)
 from ..state import init_state, is_projected, matrix_shape
 from .checks import NONFINITE_MODES, check_group, check_hyper, check_layerwise
 from .grad_norm import GradNorm
@@ -202,8 +205,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
             offset = 0
             if self.refresh_schedule == "spread" and is_projected(p, group):
                 offset = rank_among_projected[id(p)] * group["update_proj_gap"] // len(projected)
+            init = init_sharded_state if is_sharded(p) else init_state
             self.state[p].update(
-                init_state(p, group, param_seed=param_seed, min_8bit_size=self.min_8bit_size, refresh_offset=offset)
+                init(p, group, param_seed=param_seed, min_8bit_size=self.min_8bit_size, refresh_offset=offset)
             )
 
     def _prepare(self, group: dict[str, Any], param: torch.Tensor) -> dict[str, Any]:
@@ -247,11 +251,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if not gradients:
             return []
         device = gradients[0][1].device
-        norms = torch.stack(
-            # float64 gradients keep their precision in the norm; past fp32's range a norm is refused anyway.
-            [torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)).to(device, torch.float32)
-             for _, g in gradients]
-        ).tolist()
+        # float64 gradients keep their precision in the norm; past fp32's range a norm is refused anyway. A
+        # DTensor's norm is over all its slices, so every process admits or skips it alike.
+        norms = torch.stack([norm.to(device) for norm in gradient_norms([g for _, g in gradients])]).tolist()
         admitted = [norm < _SKIP_NORM_THRESHOLD for norm in norms]  # NaN compares False
         if self.nonfinite == "raise" and not all(admitted):
             self._grad_norm.discard()
@@ -279,6 +281,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         for param, _ in gradients:
             self._consecutive_skips.pop(id(param), None)
         hyper = AdamHyper.from_group(group)
+        for param, grad in gradients:
+            if is_sharded(param):
+                self._apply_sharded(group, param, grad, hyper, from_projection=from_projection)
+        gradients = [(p, g) for p, g in gradients if not is_sharded(p)]
         plain = [(p, g) for p, g in gradients if not is_projected(p, group)]
         functional.adamw(
             [p for p, _ in plain], [g for _, g in plain], [self.state[p] for p, _ in plain], hyper,
@@ -290,6 +296,18 @@ class GaLoreAdamW(torch.optim.Optimizer):
             step = functional.galore_adamw_step_from_projection if from_projection else functional.galore_adamw_step
             for param, grad in projected:
                 step(param, grad, self.state[param], hyper, config, backend=self.backend)
+
+    def _apply_sharded(
+        self, group: dict[str, Any], param: torch.Tensor, grad: torch.Tensor, hyper: AdamHyper, *, from_projection: bool
+    ) -> None:
+        """Step one DTensor parameter (FSDP2) on its local slice: :mod:`galore_kernels.sharded`."""
+        if from_projection:  # windows of DTensor parameters sum their gradient slices, never projections
+            raise AssertionError("a DTensor parameter cannot step from a projected sum")
+        if is_projected(param, group):
+            config = GaLoreConfig.from_group(group)
+            sharded_galore_step(param, grad, self.state[param], hyper, config, backend=self.backend)
+        else:
+            sharded_adamw(param, grad, self.state[param], hyper, backend=self.backend)
 
     def _skip_nonfinite(self, param: torch.Tensor) -> None:
         """Count a skipped step. Warn at the first skip of this optimizer, and again whenever one parameter
@@ -390,7 +408,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         """
         group = self._group_of(param)
         state = self.state.get(param)
-        if self._hooks is not None or group is None or not state or not is_projected(param, group):
+        if self._hooks is not None or group is None or not state or not is_projected(param, group) or is_sharded(param):
             return None
         config = GaLoreConfig.from_group(group)
         if reference.needs_refresh(state, config.update_proj_gap) or config.proj_type == "full":
@@ -507,12 +525,20 @@ def _state_mismatch(
     state: dict[str, Any], param: torch.Tensor, group: dict[str, Any], min_8bit_size: int | None
 ) -> str | None:
     """What differs between ``state`` and the state init_state would create for ``param`` in ``group``."""
-    expected = init_state(param.to("meta"), group, param_seed=0, min_8bit_size=min_8bit_size)
+    if is_sharded(param):  # a DTensor's state is DTensors (global shapes), allocated here to compare
+        expected = init_sharded_state(param, group, param_seed=0, min_8bit_size=min_8bit_size)
+    else:
+        expected = init_state(param.to("meta"), group, param_seed=0, min_8bit_size=min_8bit_size)
     if set(state) != set(expected):
         return f"entries {sorted(state)}, expected {sorted(expected)}"
     for key, value in expected.items():
         if isinstance(value, torch.Tensor):
             got = state[key]
+            if isinstance(got, torch.Tensor) and is_sharded(got) != is_sharded(value):
+                kinds = ("a DTensor", "a plain tensor")
+                return (f"{key!r} is {kinds[not is_sharded(got)]}, expected {kinds[not is_sharded(value)]} "
+                        "(state of a sharded parameter is DTensors: save and load it with "
+                        "torch.distributed.checkpoint's get/set_optimizer_state_dict)")
             if not isinstance(got, torch.Tensor) or got.shape != value.shape or got.dtype != value.dtype:
                 found = (tuple(got.shape), got.dtype) if isinstance(got, torch.Tensor) else type(got).__name__
                 return f"{key!r} is {found}, expected {(tuple(value.shape), value.dtype)}"
@@ -553,7 +579,8 @@ def _check_saved_state(
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{where}: {key!r} must be an int >= 0, got {value!r}")
     for key, value in saved.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+        local = value.to_local() if is_sharded(value) else value
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(local).all()):
             raise ValueError(f"{where}: {key!r} holds NaN or Inf; a checkpoint with non-finite state cannot resume")
 
 

@@ -29,6 +29,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from .. import functional, reference
 from .. import projector as proj
+from ..sharded import is_sharded
 from ..state import is_projected, matrix_shape
 
 __all__ = ["AccumulationWindow", "GradientReducer", "LayerwiseHooks"]
@@ -194,4 +195,6 @@ class LayerwiseHooks:
         """Whether ``param``'s window sums full gradients (else projected ones), decided by its state."""
         if not is_projected(param, group) or (self.accumulation_steps == 1 and self.reducer is None):
             return True  # nothing to project into, or nothing to sum or send (one process, k = 1)
+        if is_sharded(param):  # a DTensor (FSDP2) sums its gradient slice, 1/P of the weight (docs/DESIGN.md §10)
+            return True
         return reference.needs_refresh(state, group["update_proj_gap"])  # per hook: no config object built

@@ -1,0 +1,243 @@
+"""The refresh of a sharded gradient: two ways to compute the projector B (docs/DESIGN.md §10).
+
+**Sketch** (G' sliced along the kept dimension k, randomized SVD): the single-process algorithm of
+:func:`galore_kernels.projector.compute_projector` with every product over k split across processes and
+summed by one all-reduce. Each process draws its own rows of the same Ω (rows are global column indices
+of G', so Ω is the single-process one), and no process ever forms more than its slice of G.
+
+==============================  =============================  =====================================
+product                         all-reduced                    then, on every process alike
+==============================  =============================  =====================================
+Y = G'·Ω                        d × w (fp32)                   Householder QR → Q
+Z = G'ᵀ·Q (local rows)          Gram ZᵀZ, w × w (fp64)         Cholesky-QR of Z (or all-gather Z and
+                                                               Householder it, when the Gram is
+                                                               ill-conditioned), per power iteration
+Y = G'·Z                        d × w (fp32)                   Householder QR → Q, per power iteration
+M = QᵀG' (two-block Q, w₂)      Gram MMᵀ, w₂ × w₂ (fp64)       eigh → top r left singular vectors
+==============================  =============================  =====================================
+
+**Gather**: the owner process (the parameter's seed modulo the world size, so owners go round-robin
+over parameters) gathers G, runs the single-process refresh on it, and broadcasts B: bit-equal to one
+process, exact SVD included, at the cost of the full gradient crossing once and sitting on the owner.
+
+:func:`choose_refresh` picks per shape by the bytes each sends (see its docstring for the rule).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .. import projector as proj
+from .. import rng
+from ..config import GaLoreConfig
+from ..rng import sketch_seed
+from ..state import compute_dtype
+from .layout import ShardLayout
+
+__all__ = [
+    "REFRESH_METHODS",
+    "choose_refresh",
+    "sketch_refresh_elements",
+    "gather_refresh_elements",
+    "sketched_projector",
+    "gathered_projector",
+    "refresh_sharded_projector_",
+]
+
+REFRESH_METHODS = ("local", "sketch", "gather")
+# Cholesky-QR of Z is used while Z's condition number (estimated from the Cholesky factor's diagonal) is
+# below this: with the Gram in fp64 its orthonormality error is about κ²·1e-16, 1e-8 here; beyond it, or
+# when the Gram is singular (a rank-deficient gradient), Z is all-gathered and Householder-orthonormalized.
+_CHOLESKY_MAX_CONDITION = 1e4
+
+Reduce = Callable[[torch.Tensor], None]  # in-place sum over the layout's processes
+
+
+def _all_reduce(group: dist.ProcessGroup) -> Reduce:
+    def reduce(tensor: torch.Tensor) -> None:
+        dist.all_reduce(tensor, group=group)
+
+    return reduce
+
+
+def _sketch_width(rank: int, oversample: int, d: int, k: int) -> int:
+    return min(rank + oversample, d, k)
+
+
+def sketch_refresh_elements(d: int, k: int, config: GaLoreConfig) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """The (shape, dtype) of every all-reduce of one sketch refresh of a d × k G', in order (no fallback)."""
+    r = proj.effective_rank(config.rank, (d, k))
+    w = _sketch_width(r, config.svd_oversample, d, k)
+    sizes: list[tuple[tuple[int, ...], torch.dtype]] = [((1,), torch.float32), ((d, w), torch.float32)]
+    for _ in range(config.svd_power_iters):
+        sizes += [((w, w), torch.float64), ((d, w), torch.float32)]
+    w2 = min(2 * w, d) if config.svd_power_iters else w
+    return sizes + [((w2, w2), torch.float64)]
+
+
+def gather_refresh_elements(d: int, k: int, rank: int, world_size: int) -> int:
+    """Elements the owner receives and sends in one gather refresh: the other slices of G, then B."""
+    chunk = -(-k // world_size)
+    return (world_size - 1) * chunk * d + proj.effective_rank(rank, (d, k)) * d
+
+
+def _bytes_per_process(sizes: list[tuple[tuple[int, ...], torch.dtype]], world_size: int) -> float:
+    # A ring all-reduce sends and receives 2·(P − 1)/P of its buffer per process.
+    total = sum(math.prod(shape) * torch.empty(0, dtype=dtype).element_size() for shape, dtype in sizes)
+    return 2.0 * (world_size - 1) / world_size * total
+
+
+def choose_refresh(layout: ShardLayout, side: str, config: GaLoreConfig) -> str:
+    """"local", "sketch" or "gather" for a parameter of ``layout`` projected on ``side``.
+
+    Not sliced: "local" (every process has G). The sketch needs the randomized SVD and G' sliced along k;
+    otherwise "gather". The group's ``sharded_refresh`` can ask for either; with "auto", where both run, the one whose busiest process moves fewer bytes: the sketch's
+    all-reduces (2·(P−1)/P of each buffer) against the owner's share of the gather (the other (P−1)
+    slices of G in the gradient's fp32 plus B). For Llama-7B at r = 512 on 8 GPUs that is the sketch for
+    4096 × 11008 (77 MB against 158 MB) and the gather for 4096 × 4096 (77 MB against 67 MB); the
+    table is in docs/distributed.md.
+    """
+    if layout.matrix_dim is None:
+        return "local"
+    if config.svd != "randomized" or not layout.shards_kept_dimension(side) or config.sharded_refresh == "gather":
+        return "gather"
+    if config.sharded_refresh == "sketch":
+        return "sketch"
+    m, n = layout.matrix_shape
+    d, k = (m, n) if side == "left" else (n, m)
+    sketch = _bytes_per_process(sketch_refresh_elements(d, k, config), layout.world_size)
+    gather = 4.0 * gather_refresh_elements(d, k, config.rank, layout.world_size)
+    return "sketch" if sketch < gather else "gather"
+
+
+def _householder(y: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(y, mode="reduced").Q
+
+
+def _gather_rows(x: torch.Tensor, layout: ShardLayout, total: int) -> torch.Tensor:
+    """All processes' row slices of a (total × c) matrix, stacked in order (slices padded to one length)."""
+    padded = x.new_zeros((layout.chunk, x.shape[1]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(layout.world_size)]
+    dist.all_gather(parts, padded, group=layout.group)
+    return torch.cat(parts)[:total]
+
+
+def _orthonormal_rows_slice(z: torch.Tensor, layout: ShardLayout, total: int, reduce: Reduce) -> torch.Tensor:
+    """Orthonormal columns spanning a row-sliced Z (this process's rows of total × w), as local rows."""
+    gram = z.double().mT @ z.double()
+    reduce(gram)
+    factor, info = torch.linalg.cholesky_ex(gram)
+    diagonal = factor.diagonal()
+    if int(info) == 0 and float(diagonal.max()) < _CHOLESKY_MAX_CONDITION * float(diagonal.min()):
+        return torch.linalg.solve_triangular(factor, z.double().mT, upper=False).mT.to(z.dtype)
+    full = _householder(_gather_rows(z, layout, total))
+    return full[layout.offset : layout.offset + layout.length]
+
+
+def sketched_projector(
+    g_local: torch.Tensor,
+    layout: ShardLayout,
+    side: str,
+    config: GaLoreConfig,
+    *,
+    seed: int,
+    reduce: Reduce | None = None,
+) -> torch.Tensor:
+    """B (r × d, fp32) from this process's slice of G (kept dimension sliced), by the sketch of the module
+    docstring: the single-process randomized projector up to fp32 rounding of the split sums.
+    ``reduce`` replaces the all-reduce (tests record what crosses)."""
+    reduce = reduce or _all_reduce(layout.group)
+    g = proj.oriented(g_local, side).float()  # d × k_local
+    m, n = layout.matrix_shape
+    d, k = (m, n) if side == "left" else (n, m)
+    r = proj.effective_rank(config.rank, (m, n))
+    w = _sketch_width(r, config.svd_oversample, d, k)
+    offsets = torch.arange(layout.offset * w, (layout.offset + layout.length) * w, device=g.device)
+    y = g @ rng.randn(seed, offsets).reshape(layout.length, w)
+    reduce(y)
+    q = _householder(y)
+    previous = None
+    for _ in range(config.svd_power_iters):
+        previous = q
+        z = _orthonormal_rows_slice(g.mT @ q, layout, k, reduce)
+        y = g @ z
+        reduce(y)
+        q = _householder(y)
+    if previous is not None:
+        q = _householder(torch.cat([previous, q], dim=-1))
+    m_local = (q.mT @ g).double()
+    gram = m_local @ m_local.mT
+    reduce(gram)
+    _, vectors = torch.linalg.eigh(gram)  # ascending: the top r are the last columns
+    top = vectors[:, -r:].flip(-1).to(q.dtype)
+    return proj.canonical_signs(q @ top).mT.contiguous()
+
+
+def gathered_projector(
+    g_local: torch.Tensor, layout: ShardLayout, side: str, config: GaLoreConfig, *, seed: int, owner: int
+) -> torch.Tensor:
+    """B from the whole G, computed by process ``owner`` (of the layout's group) exactly as one process
+    would, then broadcast: the owner alone holds G, once, for this call."""
+    m, n = layout.matrix_shape
+    rows = g_local if layout.matrix_dim == 0 else g_local.mT  # slices along dimension 0 of this view
+    padded = rows.new_zeros((layout.chunk, rows.shape[1]))
+    padded[: rows.shape[0]] = rows
+    owner_global = dist.get_global_rank(layout.group, owner)
+    parts = [torch.empty_like(padded) for _ in range(layout.world_size)] if layout.rank == owner else None
+    dist.gather(padded, parts, dst=owner_global, group=layout.group)
+    r = proj.effective_rank(config.rank, (m, n))
+    d = m if side == "left" else n
+    b = torch.empty((r, d), dtype=torch.float32, device=g_local.device)
+    if layout.rank == owner:
+        whole = torch.cat(parts)[: m if layout.matrix_dim == 0 else n]
+        g = (whole if layout.matrix_dim == 0 else whole.mT).reshape(m, n)
+        b = proj.compute_projector(
+            g, config.rank, side, method=config.svd, seed=seed, oversample=config.svd_oversample,
+            power_iters=config.svd_power_iters,
+        )
+    dist.broadcast(b, src=owner_global, group=layout.group)
+    return b
+
+
+def refresh_sharded_projector_(
+    state: dict[str, Any],
+    g_local: torch.Tensor,
+    layout: ShardLayout,
+    side: str,
+    config: GaLoreConfig,
+    *,
+    method: str | None = None,
+    reduce: Reduce | None = None,
+) -> str:
+    """:func:`galore_kernels.reference.refresh_projector_` for a sharded gradient (local ``state`` from
+    :func:`galore_kernels.sharded.state.local_view`); returns the method used. Whether G can define a
+    subspace is decided on its global norm, so every process keeps or replaces B alike."""
+    method = method or choose_refresh(layout, side, config)
+    if method not in REFRESH_METHODS:
+        raise ValueError(f"method must be one of {REFRESH_METHODS}, got {method!r}")
+    seed = sketch_seed(state["seed"], state["step"])
+    square = torch.linalg.vector_norm(g_local, dtype=compute_dtype(g_local.dtype)).square().float().reshape(1)
+    if method != "local":
+        (reduce or _all_reduce(layout.group))(square)
+    m, n = layout.matrix_shape
+    usable = bool(square.sqrt() > torch.finfo(torch.float32).tiny * math.sqrt(m * n))
+    state["pending_refresh"] = 0 if usable else 1
+    if not usable:
+        return method
+    if method == "local":
+        b = proj.compute_projector(
+            g_local.reshape(m, n), config.rank, side, method=config.svd, seed=seed,
+            oversample=config.svd_oversample, power_iters=config.svd_power_iters,
+        )
+    elif method == "sketch":
+        b = sketched_projector(g_local, layout, side, config, seed=seed, reduce=reduce)
+    else:
+        b = gathered_projector(g_local, layout, side, config, seed=seed, owner=state["seed"] % layout.world_size)
+    state["projector"].copy_(b)
+    return method
