@@ -173,3 +173,12 @@ LAYERWISE_DATA_PARALLEL_MOMENTS = 1e-5
 # (tests/test_distributed_fsdp_refresh.py; a rank-3 gradient at r = 8 has arbitrary rows past 3, same energy).
 SHARDED_SKETCH_PROJECTOR = 1e-4
 SHARDED_SKETCH_ENERGY = 0.9999  # captured energy ‖B·G'‖² relative to the single-process projector's
+
+# FSDP2 runs against one process on equal gradients (tests/test_distributed_fsdp.py, 8 steps, 3 refreshes):
+# GEMMs on slices of small matrices (7 × 64 split into 32 columns) can round the last bit differently from
+# the whole product; measured up to 1.8e-7 relative on weights (fp32 moments, sketch refresh) and 7.5e-7
+# (8-bit, mixed dimension sliced). 1e-5 is the bar the design asks for.
+FSDP_WEIGHTS = 1e-5
+# 8-bit moments whose rows are sliced off a 256 boundary: blocks restart at the slice, so absmax and codes
+# differ from one process; measured 1.28e-3 relative on weights after 8 steps at lr 1e-2.
+FSDP_UNALIGNED_8BIT_WEIGHTS = 5e-3
