@@ -13,6 +13,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
@@ -129,6 +130,47 @@ def _resumed(name: str, checkpoint: str) -> dict:
     return {"uninterrupted": uninterrupted, "resumed": _record(model, opt)}
 
 
+def _resumed_on_one_process(name: str, checkpoint: str) -> dict:
+    """Load the 2-process checkpoint of :func:`_resumed` on a 1-process mesh (rank 0 alone) and finish."""
+    single = dist.new_group([0])
+    result: dict = {}
+    if dist.get_rank() == 0:
+        mesh = DeviceMesh.from_group(single, "cpu")
+        model = _model("odd")
+        for layer in model[::2]:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = _optimizer(model, name, "sketch")
+        loaded = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        try:
+            dcp.load(loaded, checkpoint_id=checkpoint, process_group=single)
+        except BaseException as error:  # DCP's CheckpointException is not an Exception
+            result["error"] = str(error)
+        else:
+            set_model_state_dict(model, loaded["model"])
+            set_optimizer_state_dict(model, opt, loaded["optim"])
+            _train(model, opt, range(RESUME_AT, STEPS))
+            result["resumed"] = _record(model, opt)
+    dist.barrier()
+    return result
+
+
+def _edited_slices_refused(checkpoint: str) -> str:
+    """The error of loading 8-bit state whose ``absmax_slices`` says another world size saved it."""
+    model = _shard(_model("odd"), "kept")
+    opt = _optimizer(model, "GaLoreAdamW8bit", "sketch")
+    loaded = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(loaded, checkpoint_id=checkpoint)
+    for state in loaded["optim"]["state"].values():
+        if "absmax_slices" in state:
+            state["absmax_slices"] = 4
+    try:
+        set_optimizer_state_dict(model, opt, loaded["optim"])
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     init_gloo(rank, world_size, port)
     try:
@@ -144,6 +186,8 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
                         results[f"{name}/odd/{placement}/{refresh}"] = _sharded("odd", name, placement, refresh)
                 results[f"{name}/odd/layerwise"] = _sharded("odd", name, "kept", "gather", layerwise=True)
                 results[f"{name}/resume"] = _resumed(name, f"{out_dir}/checkpoint_{name}")
+                results[f"{name}/resume_on_one"] = _resumed_on_one_process(name, f"{out_dir}/checkpoint_{name}")
+            results["edited_slices"] = _edited_slices_refused(f"{out_dir}/checkpoint_GaLoreAdamW8bit")
             results["nan/one"] = _one_process("aligned", "GaLoreAdamW", nan_rank=NAN_RANK)
             results["nan/sharded"] = _sharded("aligned", "GaLoreAdamW", "kept", "gather", nan_rank=NAN_RANK)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
@@ -160,7 +204,10 @@ def ranks(tmp_path_factory):
 
 def _same_state(a: dict, b: dict) -> bool:
     """Equal entries; a sharded plain 8-bit state keeps codes in the parameter's shape and absmax as one
-    row per process, the one-process state as the flat row (1, numel): the same values in order."""
+    row per process, the one-process state as the flat row (1, numel): the same values in order. Sliced
+    8-bit state also records its number of slices (``absmax_slices``)."""
+    a = {k: v for k, v in a.items() if k != "absmax_slices"}
+    b = {k: v for k, v in b.items() if k != "absmax_slices"}
     return a.keys() == b.keys() and all(
         torch.equal(x.reshape(y.shape), y) if isinstance(x, torch.Tensor) else x == y
         for x, y in ((a[k], b[k]) for k in a)
@@ -237,3 +284,18 @@ def test_dcp_checkpoint_resumes_bit_identically(ranks, name):
     # model and optimizer (set_optimizer_state_dict), 4 more steps with a refresh: the same as never stopping.
     for result in ranks:
         _assert_bit_equal(result[f"{name}/resume"]["resumed"], result[f"{name}/resume"]["uninterrupted"])
+
+
+def test_fp32_state_resumes_on_another_world_size(ranks):
+    # The 2-process checkpoint, loaded on 1 process: DCP reshards the fp32 moments; the rest of the run
+    # follows the 2-process one to slicing's rounding.
+    resumed = ranks[0]["GaLoreAdamW/resume_on_one"]["resumed"]
+    assert _worst_weight_error(resumed, ranks[0]["GaLoreAdamW/resume"]["uninterrupted"]) <= FSDP_WEIGHTS
+
+
+def test_8bit_state_refuses_another_world_size(ranks):
+    # Its blocks follow the 2 slices: DCP refuses the padded absmax's shape, and where shapes would agree
+    # the recorded number of slices is refused before anything is loaded.
+    assert "exp_avg_absmax" in ranks[0]["GaLoreAdamW8bit/resume_on_one"]["error"]
+    for result in ranks:
+        assert "loads only on the world size that saved it" in result["edited_slices"]

@@ -531,6 +531,9 @@ def _state_mismatch(
         expected = init_state(param.to("meta"), group, param_seed=0, min_8bit_size=min_8bit_size)
     if set(state) != set(expected):
         return f"entries {sorted(state)}, expected {sorted(expected)}"
+    if state.get("absmax_slices") != expected.get("absmax_slices"):
+        return (f"8-bit blocks of {state['absmax_slices']} slices, this run has {expected['absmax_slices']}: "
+                "8-bit state of a sharded parameter loads only on the world size that saved it")
     for key, value in expected.items():
         if isinstance(value, torch.Tensor):
             got = state[key]

@@ -17,7 +17,8 @@ plain moments             the parameter's placement              (8-bit: codes i
 8-bit blocks follow the local slice: they restart at its first column (first element for a plain
 parameter). Absmax rows are padded to the longest slice's block count so that every process's part has
 the same length, which a DTensor's even split needs; the padding blocks stay zero. A checkpoint's block
-layout therefore depends on the slicing, and 8-bit state loads only on the world size that saved it.
+layout therefore depends on the slicing: sliced 8-bit state records ``absmax_slices`` (the number of
+processes), and loads only on that world size. fp32 state reshards to any world size.
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def _plain_state(param: DTensor, layout: ShardLayout, quantized: bool) -> dict[s
                             layout.placements[0], layout.global_shape)
         state[f"{name}_absmax"] = _wrap(torch.zeros((1, blocks), device=local.device), layout, absmax_placement,
                                         (absmax_rows, blocks))
+    if layout.tensor_dim is not None:
+        state["absmax_slices"] = layout.world_size
     return state
 
 
@@ -97,6 +100,8 @@ def _projected_state(param: DTensor, layout: ShardLayout, group: dict[str, Any],
         state[name] = _wrap(torch.zeros((r, local_k), dtype=torch.uint8, device=device), layout, placement, (r, k))
         state[f"{name}_absmax"] = _wrap(torch.zeros((r, blocks), device=device), layout, placement,
                                         (r, absmax_columns))
+    if sliced:
+        state["absmax_slices"] = layout.world_size
     return state
 
 
