@@ -33,6 +33,7 @@ CLASSES = {"GaLoreAdamW": (GaLoreAdamW, {}), "GaLoreAdamW8bit": (GaLoreAdamW8bit
 # 8-bit blocks are the one-process ones. "odd" adds 4.weight 7 × 64 (left: Shard(1), 32 columns each) and
 # 6.weight 9 × 7 (right: Shard(0), 5 + 4 rows: uneven); under the default placement (Shard(0)
 # everywhere) 2.weight and 4.weight (4 + 3 rows) are sliced along the dimension their projection mixes.
+LLAMA_HIDDEN, LLAMA_RANK = 128, 32  # q_proj 128 × 128 at r = 32: 8-bit moments (4096 elements); down_proj Shard(1)
 WIDTHS = {"aligned": (64, 512, 64), "odd": (64, 512, 64, 7, 9)}
 
 
@@ -171,6 +172,36 @@ def _edited_slices_refused(checkpoint: str) -> str:
     return "no error"
 
 
+def _local_bytes(tensors) -> int:
+    locals_ = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return sum(t.numel() * t.element_size() for t in locals_)
+
+
+def _sharded_llama_state_bytes() -> dict:
+    """This process's bytes of weights and optimizer state of a tiny Llama under FSDP2 after one step, per mode."""
+    from galore_kernels.optim.param_groups import galore_param_groups
+    from tiny_models import tiny_llama
+
+    measured = {}
+    for mode in ("AdamW", "GaLore", "8-bit GaLore"):
+        model = tiny_llama(hidden_size=LLAMA_HIDDEN)
+        placement = kept_dim_placement_fn([p for p in model.parameters() if p.dim() == 2], WORLD_SIZE)
+        for layer in model.model.layers:
+            fully_shard(layer, shard_placement_fn=placement)
+        fully_shard(model, shard_placement_fn=placement)
+        groups = galore_param_groups(model, ["attn", "mlp"], rank=LLAMA_RANK)
+        opt = {"AdamW": lambda: torch.optim.AdamW(model.parameters()), "GaLore": lambda: GaLoreAdamW(groups),
+               "8-bit GaLore": lambda: GaLoreAdamW8bit(groups)}[mode]()
+        tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        opt.step()
+        state = [v for st in opt.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+        projectors = [st["projector"] for st in opt.state.values() if "projector" in st]
+        measured[mode] = {"weights": _local_bytes(model.parameters()), "state": _local_bytes(state),
+                          "projectors": _local_bytes(projectors)}
+    return measured
+
+
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
     init_gloo(rank, world_size, port)
     try:
@@ -187,6 +218,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
                 results[f"{name}/odd/layerwise"] = _sharded("odd", name, "kept", "gather", layerwise=True)
                 results[f"{name}/resume"] = _resumed(name, f"{out_dir}/checkpoint_{name}")
                 results[f"{name}/resume_on_one"] = _resumed_on_one_process(name, f"{out_dir}/checkpoint_{name}")
+            results["llama_bytes"] = _sharded_llama_state_bytes()
             results["edited_slices"] = _edited_slices_refused(f"{out_dir}/checkpoint_GaLoreAdamW8bit")
             results["nan/one"] = _one_process("aligned", "GaLoreAdamW", nan_rank=NAN_RANK)
             results["nan/sharded"] = _sharded("aligned", "GaLoreAdamW", "kept", "gather", nan_rank=NAN_RANK)
@@ -299,3 +331,20 @@ def test_8bit_state_refuses_another_world_size(ranks):
     assert "exp_avg_absmax" in ranks[0]["GaLoreAdamW8bit/resume_on_one"]["error"]
     for result in ranks:
         assert "loads only on the world size that saved it" in result["edited_slices"]
+
+
+def test_memory_planner_counts_the_state_of_a_sharded_model(ranks):
+    # galore-kernels memory --gpus P: its per-GPU weights and optimizer state (projectors among them) are
+    # the local bytes of the busiest of the 2 processes after one step.
+    from galore_kernels.training.fsdp_plan import plan_fsdp_memory
+    from tiny_models import tiny_llama
+
+    with torch.device("meta"):
+        model = tiny_llama(hidden_size=LLAMA_HIDDEN)
+    plan = plan_fsdp_memory(model, rank=LLAMA_RANK, gpus=WORLD_SIZE)
+    for mode in ("AdamW", "GaLore", "8-bit GaLore"):
+        measured = [result["llama_bytes"][mode] for result in ranks]
+        row = plan.mode(mode)
+        assert row.weights == max(m["weights"] for m in measured), mode
+        assert row.optimizer_state == max(m["state"] for m in measured), mode
+        assert row.projectors == max(m["projectors"] for m in measured), mode

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from . import CLIError
 
 if TYPE_CHECKING:
+    from ..training.fsdp_plan import FsdpPlan
     from ..training.memory_plan import MemoryPlan
 
 PAPER = "Zhao et al. 2024 (GaLore, arXiv 2403.03507)"
@@ -53,6 +54,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="modules whose nn.Linear weights GaLore projects: substrings or regexes of module names, or "
         "all-linear (default: attn mlp)",
     )
+    parser.add_argument(
+        "--gpus", type=int, default=None, metavar="P",
+        help="also print per-GPU memory under FSDP2 (fully_shard) on P GPUs, GaLore weights sliced along the "
+        "dimension their projection keeps, and the refresh's traffic",
+    )
     parser.set_defaults(run=run)
 
 
@@ -61,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..training import memory_plan
 
-    for name in ("rank", "tokens"):
+    for name in ("rank", "tokens", "gpus"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CLIError(f"--{name} must be an integer >= 1, got {value}")
@@ -78,12 +84,46 @@ def run(args: argparse.Namespace) -> int:
                 raise CLIError(f"{args.model}: the config has no hidden_size to default --rank from: give --rank")
             rank = max(hidden_size // 4, 1)
         plan = memory_plan.plan_memory(model, rank=rank, target_modules=target_modules, tokens=args.tokens)
+        fsdp = None
+        if args.gpus is not None:
+            from ..training.fsdp_plan import plan_fsdp_memory
+
+            fsdp = plan_fsdp_memory(model, rank=rank, gpus=args.gpus, target_modules=target_modules,
+                                    tokens=args.tokens)
     except memory_plan.MemoryPlanError as error:
         raise CLIError(str(error)) from None
     text_type = memory_plan.causal_lm_config(config).model_type
     text_model = text_type if text_type != config.model_type else None
     print(_report(args.model, config.model_type, text_model, plan, args.dtype, tuple(targets)))
+    if fsdp is not None:
+        print("\n" + _fsdp_report(fsdp))
     return 0
+
+
+def _fsdp_report(plan: FsdpPlan) -> str:
+    """The per-GPU table under FSDP2 and where its numbers come from."""
+    lines = [
+        f"FSDP2 on {plan.gpus} GPUs, per GPU (the busiest; GB = 1e9 bytes)",
+        f"{'mode':<25}{'weights':>9}{'gradients':>11}{'optimizer':>11}{'of which':>10}{'activations':>13}"
+        f"{'total':>9}",
+        f"{'':<25}{'':>9}{'':>11}{'state':>11}{'B':>10}{'(est.)':>13}",
+    ]
+    for row in plan.modes:
+        lines.append(
+            f"{row.mode:<25}{row.weights / GB:>9.2f}{row.gradients / GB:>11.2f}{row.optimizer_state / GB:>11.2f}"
+            f"{row.projectors / GB:>10.2f}{row.activations / GB:>13.2f}{row.total / GB:>9.2f}"
+        )
+    lines += [
+        "",
+        f"slicing: kept_dim_placement_fn; {plan.kept_weights} of {plan.num_projected} GaLore weights sliced along the "
+        "kept dimension (no",
+        "  communication between refreshes); projectors B are whole on every GPU.",
+        f"refresh: {plan.sketch_weights} weights by the sketch, {plan.gather_weights} by gathering to an owner; at most "
+        f"{plan.refresh_bytes / GB:.2f} GB",
+        f"  per GPU on an aligned refresh step, {plan.refresh_bytes / plan.update_proj_gap / GB:.3f} GB per step "
+        f"averaged over T = {plan.update_proj_gap}.",
+    ]
+    return "\n".join(lines)
 
 
 def _savings_notes(plan: MemoryPlan) -> list[str]:

@@ -44,6 +44,7 @@ __all__ = [
     "choose_refresh",
     "sketch_refresh_elements",
     "gather_refresh_elements",
+    "refresh_bytes",
     "sketched_projector",
     "gathered_projector",
     "refresh_sharded_projector_",
@@ -80,27 +81,33 @@ def sketch_refresh_elements(d: int, k: int, config: GaLoreConfig) -> list[tuple[
     return sizes + [((w2, w2), torch.float64)]
 
 
-def gather_refresh_elements(d: int, k: int, rank: int, world_size: int) -> int:
-    """Elements the owner receives and sends in one gather refresh: the other slices of G, then B."""
-    chunk = -(-k // world_size)
-    return (world_size - 1) * chunk * d + proj.effective_rank(rank, (d, k)) * d
+def gather_refresh_elements(d: int, k: int, rank: int, world_size: int, *, kept: bool = True) -> int:
+    """Elements the owner receives and sends in one gather refresh of a d × k G': the other processes'
+    slices of G (along k when ``kept``, else along d), then B."""
+    sliced, other = (k, d) if kept else (d, k)
+    return (world_size - 1) * -(-sliced // world_size) * other + proj.effective_rank(rank, (d, k)) * d
 
 
-def _bytes_per_process(sizes: list[tuple[tuple[int, ...], torch.dtype]], world_size: int) -> float:
-    # A ring all-reduce sends and receives 2·(P − 1)/P of its buffer per process.
-    total = sum(math.prod(shape) * torch.empty(0, dtype=dtype).element_size() for shape, dtype in sizes)
-    return 2.0 * (world_size - 1) / world_size * total
+def refresh_bytes(d: int, k: int, config: GaLoreConfig, world_size: int, *, kept: bool = True) -> dict[str, float]:
+    """Bytes the busiest process sends and receives in one refresh of a d × k G', per method: the sketch's
+    all-reduces (a ring all-reduce moves 2·(P − 1)/P of its buffer per process; only when ``kept``) and
+    the owner's share of the gather (fp32 slices of G, then B)."""
+    costs = {"gather": 4.0 * gather_refresh_elements(d, k, config.rank, world_size, kept=kept)}
+    if kept:
+        sizes = sketch_refresh_elements(d, k, config)
+        total = sum(math.prod(shape) * torch.empty(0, dtype=dtype).element_size() for shape, dtype in sizes)
+        costs["sketch"] = 2.0 * (world_size - 1) / world_size * total
+    return costs
 
 
 def choose_refresh(layout: ShardLayout, side: str, config: GaLoreConfig) -> str:
     """"local", "sketch" or "gather" for a parameter of ``layout`` projected on ``side``.
 
     Not sliced: "local" (every process has G). The sketch needs the randomized SVD and G' sliced along k;
-    otherwise "gather". The group's ``sharded_refresh`` can ask for either; with "auto", where both run, the one whose busiest process moves fewer bytes: the sketch's
-    all-reduces (2·(P−1)/P of each buffer) against the owner's share of the gather (the other (P−1)
-    slices of G in the gradient's fp32 plus B). For Llama-7B at r = 512 on 8 GPUs that is the sketch for
-    4096 × 11008 (77 MB against 158 MB) and the gather for 4096 × 4096 (77 MB against 67 MB); the
-    table is in docs/distributed.md.
+    otherwise "gather". The group's ``sharded_refresh`` can ask for either; with "auto", where both run,
+    the one whose busiest process moves fewer bytes (:func:`refresh_bytes`). For Llama-7B at r = 512 on 8
+    GPUs that is the sketch for 4096 × 11008 (67.4 MB against 166.2 MB) and, narrowly, the gather for
+    4096 × 4096 (67.1 MB against 67.4 MB); the table is in docs/distributed.md.
     """
     if layout.matrix_dim is None:
         return "local"
@@ -110,9 +117,8 @@ def choose_refresh(layout: ShardLayout, side: str, config: GaLoreConfig) -> str:
         return "sketch"
     m, n = layout.matrix_shape
     d, k = (m, n) if side == "left" else (n, m)
-    sketch = _bytes_per_process(sketch_refresh_elements(d, k, config), layout.world_size)
-    gather = 4.0 * gather_refresh_elements(d, k, config.rank, layout.world_size)
-    return "sketch" if sketch < gather else "gather"
+    costs = refresh_bytes(d, k, config, layout.world_size)
+    return "sketch" if costs["sketch"] < costs["gather"] else "gather"
 
 
 def _householder(y: torch.Tensor) -> torch.Tensor:
