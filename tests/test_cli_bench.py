@@ -10,10 +10,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from galore_kernels.benchmarks import data_parallel, gpu, layerwise, refresh, step
+from galore_kernels.benchmarks import data_parallel, gpu, layerwise, refresh, sharded_refresh, step
 from galore_kernels.benchmarks.harness import ShapeSweep, synchronized_clock
 from galore_kernels.cli import main
-from galore_kernels.cli.bench import selected
+from galore_kernels.cli.bench import NAMES, selected
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -83,6 +83,19 @@ def test_data_parallel_smoke_counts_what_each_mode_all_reduces(capsys):
     assert "| 1,026 | 0.0 | 8,194 |" in rows["layer-wise"]
 
 
+def test_sharded_refresh_smoke_measures_what_crosses_and_what_is_held(capsys):
+    out = _tables(capsys, ["bench", "--only", "sharded_refresh", "--smoke", "--device", "cpu"])
+    rows = {row.split(" | ")[1]: row for row in _rows(out, "| 64×160")}
+    assert list(rows) == list(sharded_refresh.METHODS)
+    # 64 × 160 left-projected at r = 8 (w = 16), sliced into 2 × 80 columns. The sketch all-reduces
+    # 64 × 16 fp32 three times, two 16 × 16 and one 32 × 32 fp64 Grams (24,576 bytes) and holds at most
+    # its own 64 × 80 slice (20,480 bytes); the gather's owner receives both slices and holds all of G
+    # (40,960 bytes) and then broadcasts B (2,048 bytes).
+    assert "| 0.02 | 0.02 | 1.00000 |" in rows["sketch"]
+    assert "| 0.04 | 0.04 | 1.00000 |" in rows["gather"]
+    assert "| 0.00 | 0.04 | 1.00000 |" in rows["one process"]
+
+
 def test_data_parallel_on_one_gpu_says_two_are_needed(capsys, monkeypatch):
     """The CUDA run needs 2 GPUs (NCCL, one per process): with one it prints why and runs nothing."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -130,9 +143,9 @@ def test_repeats_reach_the_settings(capsys, monkeypatch):
 
 
 def test_default_selection():
-    assert selected(None, "cpu", smoke=False) == ["refresh", "step", "layerwise", "data_parallel"]
-    assert selected(None, "cuda", smoke=False) == ["gpu", "layerwise"]
-    assert selected(None, "cpu", smoke=True) == ["gpu", "refresh", "step", "layerwise", "data_parallel"]
+    assert selected(None, "cpu", smoke=False) == ["refresh", "step", "layerwise", "data_parallel", "sharded_refresh"]
+    assert selected(None, "cuda", smoke=False) == ["gpu", "layerwise", "data_parallel"]
+    assert selected(None, "cpu", smoke=True) == list(NAMES)
     assert selected("layerwise, refresh", "cuda", smoke=False) == ["refresh", "layerwise"]
 
 

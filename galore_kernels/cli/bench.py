@@ -1,8 +1,8 @@
 """``galore-kernels bench``: run the benchmarks for this machine and print their tables.
 
 The benchmarks live in :mod:`galore_kernels.benchmarks`, one module per name below. Without ``--only``,
-a CPU runs refresh, step and layerwise; a CUDA device runs gpu and layerwise (gpu first, so that a run cut
-short keeps the headline table). Every table starts with a line of date, device and versions, and rows
+a CPU runs refresh, step, layerwise, data_parallel and sharded_refresh; a CUDA device runs gpu, layerwise
+and data_parallel (gpu first, so that a run cut short keeps the headline table). Every table starts with a line of date, device and versions, and rows
 print as they are measured.
 """
 
@@ -14,8 +14,11 @@ import sys
 
 from . import CLIError
 
-NAMES = ("gpu", "refresh", "step", "layerwise", "data_parallel")  # also the order they run in
-DEFAULTS = {"cpu": ("refresh", "step", "layerwise", "data_parallel"), "cuda": ("gpu", "layerwise")}
+NAMES = ("gpu", "refresh", "step", "layerwise", "data_parallel", "sharded_refresh")  # also the order they run in
+DEFAULTS = {
+    "cpu": ("refresh", "step", "layerwise", "data_parallel", "sharded_refresh"),
+    "cuda": ("gpu", "layerwise", "data_parallel"),
+}
 
 
 def _positive_int(text: str) -> int:
@@ -35,10 +38,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Run the benchmarks for this machine and print their tables (markdown, one environment line "
             "each). On a CPU: refresh (exact vs randomized SVD), step (our reference vs galore-torch) and "
-            "layerwise (gradient memory and step time of layer-wise mode) and data_parallel (plain DDP vs "
-            "low-rank communication on 2 processes), a few minutes on 2 cores. On "
-            "CUDA: gpu (fused kernels vs reference, galore-torch and bitsandbytes, against the roofline) and "
-            "layerwise."
+            "layerwise (gradient memory and step time of layer-wise mode), data_parallel (plain DDP vs the "
+            "low-rank hook vs layer-wise on 2 processes) and sharded_refresh (the FSDP2 refresh: sketch vs "
+            "gather on 2 processes), a few minutes on 2 cores. On CUDA: gpu (fused kernels vs reference, "
+            "galore-torch and bitsandbytes, against the roofline), layerwise and data_parallel (NCCL, 2 GPUs)."
         ),
     )
     parser.add_argument(
