@@ -182,3 +182,6 @@ FSDP_WEIGHTS = 1e-5
 # 8-bit moments whose rows are sliced off a 256 boundary: blocks restart at the slice, so absmax and codes
 # differ from one process; measured 1.28e-3 relative on weights after 8 steps at lr 1e-2.
 FSDP_UNALIGNED_8BIT_WEIGHTS = 5e-3
+# The same FSDP2 runs on 2 GPUs over NCCL against one GPU: not run yet (no 2-GPU machine); 1e-4 allows
+# cuBLAS's other reduction orders on slices and TF32-free fp32 GEMMs differing in their last bits.
+FSDP_CUDA_WEIGHTS = 1e-4
