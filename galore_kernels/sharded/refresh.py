@@ -45,12 +45,19 @@ __all__ = [
     "sketch_refresh_elements",
     "gather_refresh_elements",
     "refresh_bytes",
+    "preferred_refresh",
     "sketched_projector",
     "gathered_projector",
     "refresh_sharded_projector_",
 ]
 
 REFRESH_METHODS = ("local", "sketch", "gather")
+# "auto" takes the sketch unless the gather moves less than this fraction of its bytes. On 2 gloo CPU
+# processes the sketch refreshed 1024 × 2816 and 2048 × 5632 (r = 128) 1.9× and 2.3× faster than the
+# gather and held half its largest tensor (galore-kernels bench --only sharded_refresh, bench/RESULTS.md):
+# it splits the products while the owner computes alone. Bytes alone would pick the gather for Llama-7B's
+# 4096 × 4096 on 8 GPUs by 0.4%.
+_GATHER_BYTES_FRACTION = 0.5
 # Cholesky-QR of Z is used while Z's condition number (estimated from the Cholesky factor's diagonal) is
 # below this: with the Gram in fp64 its orthonormality error is about κ²·1e-16, 1e-8 here; beyond it, or
 # when the Gram is singular (a rank-deficient gradient), Z is all-gathered and Householder-orthonormalized.
@@ -105,9 +112,9 @@ def choose_refresh(layout: ShardLayout, side: str, config: GaLoreConfig) -> str:
 
     Not sliced: "local" (every process has G). The sketch needs the randomized SVD and G' sliced along k;
     otherwise "gather". The group's ``sharded_refresh`` can ask for either; with "auto", where both run,
-    the one whose busiest process moves fewer bytes (:func:`refresh_bytes`). For Llama-7B at r = 512 on 8
-    GPUs that is the sketch for 4096 × 11008 (67.4 MB against 166.2 MB) and, narrowly, the gather for
-    4096 × 4096 (67.1 MB against 67.4 MB); the table is in docs/distributed.md.
+    :func:`preferred_refresh` decides. For Llama-7B at r = 512 on 8 GPUs that is the sketch for every
+    projected weight (4096 × 11008: 67.4 MB against the gather's 166.2 MB; 4096 × 4096: 67.4 MB against
+    67.1 MB); the table is in docs/distributed.md.
     """
     if layout.matrix_dim is None:
         return "local"
@@ -117,8 +124,16 @@ def choose_refresh(layout: ShardLayout, side: str, config: GaLoreConfig) -> str:
         return "sketch"
     m, n = layout.matrix_shape
     d, k = (m, n) if side == "left" else (n, m)
-    costs = refresh_bytes(d, k, config, layout.world_size)
-    return "sketch" if costs["sketch"] < costs["gather"] else "gather"
+    return preferred_refresh(refresh_bytes(d, k, config, layout.world_size))
+
+
+def preferred_refresh(costs: dict[str, float]) -> str:
+    """"sketch" or "gather" from :func:`refresh_bytes`: the sketch unless it cannot run (no "sketch" entry)
+    or the gather moves less than half its bytes (the measurement behind the half is at the top of
+    this module)."""
+    if "sketch" in costs and costs["gather"] >= _GATHER_BYTES_FRACTION * costs["sketch"]:
+        return "sketch"
+    return "gather"
 
 
 def _householder(y: torch.Tensor) -> torch.Tensor:

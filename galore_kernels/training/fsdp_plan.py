@@ -22,7 +22,7 @@ from ..optim.param_groups import galore_param_groups
 from ..projector import effective_rank, resolve_side
 from ..quant import BLOCK_SIZE
 from ..sharded import kept_matrix_dim
-from ..sharded.refresh import refresh_bytes
+from ..sharded.refresh import preferred_refresh, refresh_bytes
 from ..state import compute_dtype, matrix_shape, projector_dtype
 from .memory_plan import _MIN_8BIT_SIZE, MemoryPlanError, activation_bytes
 
@@ -200,5 +200,5 @@ def refresh_cost(d: int, k: int, config: GaLoreConfig, gpus: int, *, kept: bool)
     if gpus == 1:
         return "local", 0
     costs = refresh_bytes(d, k, config, gpus, kept=kept and config.svd == "randomized")
-    method = min(costs, key=costs.get)
+    method = preferred_refresh(costs)
     return method, int(costs[method])
