@@ -15,7 +15,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from galore_kernels import GaLoreAdamW, GaLoreAdamW8bit
 from galore_kernels.distributed import kept_dim_placement_fn
@@ -88,10 +88,11 @@ def _record(model, opt) -> dict:
     return {"weights": {n: _full(p.detach()).clone() for n, p in model.named_parameters()}, "states": states}
 
 
-def _train(model, opt, steps, *, nan_rank=None):
+def _train(model, opt, steps, *, nan_rank=None, micro_batches=1):
     names = {id(p): n for n, p in model.named_parameters()}
     for step in steps:
-        _loss(model, step).backward()
+        for micro in range(micro_batches):
+            _loss(model, step * micro_batches + micro).backward()
         if step == NAN_STEP and nan_rank is not None:
             grad = next(p for p in model.parameters() if names[id(p)] == NAN_PARAM).grad
             # The same element in both runs: the last row of 0.weight is in rank 1's slice.
@@ -103,17 +104,18 @@ def _train(model, opt, steps, *, nan_rank=None):
         opt.zero_grad()
 
 
-def _one_process(kind: str, name: str, *, layerwise: bool = False, nan_rank=None) -> dict:
+def _one_process(kind: str, name: str, *, nan_rank=None, micro_batches=1) -> dict:
     model = _model(kind)
-    opt = _optimizer(model, name, "auto", layerwise=layerwise)
-    _train(model, opt, range(STEPS), nan_rank=nan_rank)
+    opt = _optimizer(model, name, "auto")
+    _train(model, opt, range(STEPS), nan_rank=nan_rank, micro_batches=micro_batches)
     return _record(model, opt)
 
 
-def _sharded(kind: str, name: str, placement: str, refresh: str, *, nan_rank=None, **options) -> dict:
+def _sharded(kind: str, name: str, placement: str, refresh: str, *, nan_rank=None, micro_batches=1,
+             **options) -> dict:
     model = _shard(_model(kind), placement)
     opt = _optimizer(model, name, refresh, **options)
-    _train(model, opt, range(STEPS), nan_rank=nan_rank)
+    _train(model, opt, range(STEPS), nan_rank=nan_rank, micro_batches=micro_batches)
     return _record(model, opt)
 
 
@@ -207,6 +209,26 @@ def _sharded_llama_state_bytes() -> dict:
     return measured
 
 
+def _refusals() -> dict:
+    """The constructor's message for each DTensor parameter it cannot step."""
+    mesh = init_device_mesh(DEVICE.type, (WORLD_SIZE,))
+    flat = init_device_mesh(DEVICE.type, (1, WORLD_SIZE), mesh_dim_names=("replicate", "shard"))
+    cases = {
+        "full": ({"rank": 2, "proj_type": "full"}, distribute_tensor(torch.randn(8, 6), mesh, [Shard(0)])),
+        "experts": ({"rank": 2, "experts": True}, distribute_tensor(torch.randn(2, 8, 6), mesh, [Shard(0)])),
+        "3-D Shard(1)": ({"rank": 2}, distribute_tensor(torch.randn(8, 4, 3), mesh, [Shard(1)])),
+        "2-D mesh": ({}, distribute_tensor(torch.randn(8), flat, [Replicate(), Shard(0)])),
+    }
+    messages = {}
+    for case, (keys, tensor) in cases.items():
+        param = torch.nn.Parameter(tensor)
+        try:
+            GaLoreAdamW([{"params": [param], **keys}])
+        except ValueError as error:
+            messages[case] = str(error)
+    return messages
+
+
 def _worker(rank: int, world_size: int, port: int, out_dir: str, device_type: str = "cpu") -> None:
     global DEVICE
     if device_type == "cuda":
@@ -225,9 +247,14 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, device_type: st
                     for refresh in ("gather", "sketch"):
                         results[f"{name}/odd/{placement}/{refresh}"] = _sharded("odd", name, placement, refresh)
                 results[f"{name}/odd/layerwise"] = _sharded("odd", name, "kept", "gather", layerwise=True)
+                results[f"{name}/aligned/accumulated"] = _one_process("aligned", name, micro_batches=2)
+                results[f"{name}/aligned/layerwise_k2"] = _sharded(
+                    "aligned", name, "kept", "gather", layerwise=True, accumulation_steps=2, micro_batches=2
+                )
                 results[f"{name}/resume"] = _resumed(name, f"{out_dir}/checkpoint_{name}")
                 results[f"{name}/resume_on_one"] = _resumed_on_one_process(name, f"{out_dir}/checkpoint_{name}")
             results["llama_bytes"] = _sharded_llama_state_bytes()
+            results["refusals"] = _refusals()
             results["edited_slices"] = _edited_slices_refused(f"{out_dir}/checkpoint_GaLoreAdamW8bit")
             results["nan/one"] = _one_process("aligned", "GaLoreAdamW", nan_rank=NAN_RANK)
             results["nan/sharded"] = _sharded("aligned", "GaLoreAdamW", "kept", "gather", nan_rank=NAN_RANK)
@@ -316,6 +343,27 @@ def test_layerwise_under_fsdp2_equals_stepping_after_backward(ranks, name):
     # FSDP2 calls the hooks with each reduced slice; stepping there equals stepping in step().
     for result in ranks:
         _assert_bit_equal(result[f"{name}/odd/layerwise"], result[f"{name}/odd/kept/gather"])
+
+
+@pytest.mark.parametrize("name", list(CLASSES))
+def test_layerwise_accumulation_under_fsdp2_equals_accumulated_gradients(ranks, name):
+    # accumulation_steps=2: each window sums the two reduced slices FSDP2 hands the hooks, as one process
+    # sums the two backward passes in .grad.
+    for result in ranks:
+        _assert_bit_equal(result[f"{name}/aligned/layerwise_k2"], result[f"{name}/aligned/accumulated"])
+
+
+def test_unsupported_dtensors_are_refused_when_the_optimizer_is_built(ranks):
+    expected = {
+        "full": "proj_type='full' is not supported on DTensor parameters",
+        "experts": "experts=True groups are not supported on DTensor parameters",
+        "3-D Shard(1)": "only Shard(0) slices that matrix",
+        "2-D mesh": "on a 2-D device mesh",
+    }
+    for result in ranks:
+        assert set(result["refusals"]) == set(expected)
+        for case, fragment in expected.items():
+            assert fragment in result["refusals"][case], case
 
 
 def test_nan_in_one_process_slice_is_skipped_by_every_process(ranks):

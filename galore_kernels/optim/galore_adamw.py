@@ -15,7 +15,8 @@ from .. import functional, reference
 from ..config import AdamHyper, GaLoreConfig
 from ..projector import resolve_side
 from ..sharded import (
-    gradient_norms, init_sharded_state, is_sharded, sharded_adamw, sharded_galore_step,
+    ShardLayout, check_projectable, gradient_norms, init_sharded_state, is_sharded, sharded_adamw,
+    sharded_galore_step,
 )
 from ..state import init_state, is_projected, matrix_shape
 from .checks import NONFINITE_MODES, check_group, check_hyper, check_layerwise
@@ -156,6 +157,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         super().add_param_group(param_group)
         try:
             check_group(self.param_groups[-1])
+            _check_sharded(self.param_groups[-1])
         except ValueError:
             self.param_groups.pop()
             raise
@@ -585,6 +587,17 @@ def _check_saved_state(
         local = value.to_local() if is_sharded(value) else value
         if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(local).all()):
             raise ValueError(f"{where}: {key!r} holds NaN or Inf; a checkpoint with non-finite state cannot resume")
+
+
+def _check_sharded(group: dict[str, Any]) -> None:
+    """Refuse DTensor parameters this group cannot step (a 2-D mesh, a placement or projection sharded
+    GaLore does not support), before any state exists."""
+    for param in group["params"]:
+        if is_sharded(param):
+            if is_projected(param, group):
+                check_projectable(param, GaLoreConfig.from_group(group))
+            else:
+                ShardLayout.of(param)
 
 
 def _caller_stacklevel() -> int:

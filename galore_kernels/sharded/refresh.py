@@ -53,7 +53,7 @@ __all__ = [
 
 REFRESH_METHODS = ("local", "sketch", "gather")
 # "auto" takes the sketch unless the gather moves less than this fraction of its bytes. On 2 gloo CPU
-# processes the sketch refreshed 1024 × 2816 and 2048 × 5632 (r = 128) 1.9× and 2.3× faster than the
+# processes the sketch refreshed 1024 × 2816 and 2048 × 5632 (r = 128) 1.8× and 2.3× faster than the
 # gather and held half its largest tensor (galore-kernels bench --only sharded_refresh, bench/RESULTS.md):
 # it splits the products while the owner computes alone. Bytes alone would pick the gather for Llama-7B's
 # 4096 × 4096 on 8 GPUs by 0.4%.
