@@ -4,6 +4,7 @@ checkpoints, clipping and the gradient norm; and it keeps at most one full gradi
 import gc
 import math
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -465,7 +466,7 @@ def test_add_param_group_and_gradients_set_after_a_hook_stepped():
     assert all(opt.state[p]["step"] == 1 for p in model.parameters())
     # What DDP does after backward: write the reduced gradient back into .grad of a parameter that stepped.
     model[0].weight.grad = torch.ones_like(model[0].weight)
-    with pytest.raises(RuntimeError, match="does not work with DDP/FSDP"):
+    with pytest.raises(RuntimeError, match="does not work with DDP or FSDP1"):
         opt.step()
 
 
@@ -571,3 +572,59 @@ def test_a_skipped_window_counts_as_the_parameters_step():
     with pytest.raises(RuntimeError, match="would step a second time"):
         _mlp_loss(model, gen).backward()
     assert opt.accumulation_steps == 1
+
+
+def _swap_parameters(model, opt):
+    """What accelerate's FSDP2 prepare does after the optimizer exists: every parameter of the model and of
+    the optimizer's groups is replaced by a new one (there a DTensor slice; here a copy)."""
+    replacement = {}
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            replacement[param] = torch.nn.Parameter(param.detach().clone())
+            setattr(module, name, replacement[param])
+    for group in opt.param_groups:
+        group["params"] = [replacement[p] for p in group["params"]]
+
+
+@pytest.mark.parametrize("cls, kwargs", OPTIMIZERS)
+def test_hooks_follow_parameters_swapped_into_the_groups(cls, kwargs):
+    reference, swapped = _mlp(), _mlp()
+    ref_opt = cls(_groups(reference), lr=1e-2, layerwise=True, **kwargs)
+    opt = cls(_groups(swapped), lr=1e-2, layerwise=True, **kwargs)
+    originals = [weakref.ref(p) for p in swapped.parameters()]
+    _swap_parameters(swapped, opt)
+    opt.sync_layerwise_hooks()
+    gc.collect()
+    assert all(ref() is None for ref in originals)  # the hooks no longer hold the unsharded originals
+    for step in range(4):
+        for model, optimizer in ((reference, ref_opt), (swapped, opt)):
+            _mlp_loss(model, torch.Generator().manual_seed(step)).backward()
+            assert all(p.grad is None for p in model.parameters())  # consumed inside backward
+            optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(swapped.parameters(), reference.parameters()))
+
+
+def test_step_hooks_swapped_parameters_it_finds_with_a_warning():
+    model = _mlp()
+    opt = GaLoreAdamW(_groups(model), lr=1e-2, layerwise=True)
+    _swap_parameters(model, opt)
+    _mlp_loss(model, torch.Generator().manual_seed(0)).backward()
+    assert all(p.grad is not None for p in model.parameters())  # nothing hooked them yet
+    with pytest.warns(UserWarning, match="were replaced after it was built"):
+        opt.step()
+    assert all(opt.state[p]["step"] == 1 for p in model.parameters())
+    opt.zero_grad()
+    _mlp_loss(model, torch.Generator().manual_seed(1)).backward()
+    assert all(p.grad is None for p in model.parameters())  # hooked from the second pass on
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+
+
+def test_swapping_parameters_inside_an_accumulation_window_is_refused():
+    model = _mlp()
+    opt = GaLoreAdamW(_groups(model), lr=1e-2, layerwise=True, accumulation_steps=2)
+    _mlp_loss(model, torch.Generator().manual_seed(0)).backward()
+    _swap_parameters(model, opt)
+    with pytest.raises(RuntimeError, match="cannot replace parameters in the middle of an accumulation window"):
+        opt.sync_layerwise_hooks()

@@ -7,7 +7,9 @@ instead, one GPU per process, for the benchmark's CUDA run."""
 from __future__ import annotations
 
 import math
+import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -40,9 +42,11 @@ def init_gloo(rank: int, world_size: int, port: int) -> None:
 def run_on_ranks(worker: Callable[..., None], world_size: int, *args, deadline_s: float = 240.0) -> None:
     """Spawn ``worker(rank, world_size, port, *args)`` on ``world_size`` processes and wait for all of them;
     raise if one fails or the deadline passes (the processes are then killed). ``worker`` must be a
-    module-level function (the processes are spawned, not forked)."""
+    module-level function (the processes are spawned, not forked). A worker that returned leaves through
+    :func:`_exit_after`, so whatever it wrote to files must be closed by then (``torch.save`` closes)."""
     context = mp.start_processes(
-        worker, args=(world_size, free_port(), *args), nprocs=world_size, join=False, start_method="spawn"
+        _exit_after, args=(worker, world_size, free_port(), *args), nprocs=world_size, join=False,
+        start_method="spawn",
     )
     end = time.monotonic() + deadline_s
     while not context.join(timeout=max(0.0, end - time.monotonic())):
@@ -50,6 +54,20 @@ def run_on_ranks(worker: Callable[..., None], world_size: int, *args, deadline_s
             for process in context.processes:
                 process.kill()
             raise TimeoutError(f"{world_size} processes did not finish within {deadline_s} s")
+
+
+def _exit_after(rank: int, worker: Callable[..., None], *args) -> None:
+    """Run ``worker(rank, *args)``; once it has returned, destroy the process groups and end the process
+    without interpreter finalization. Gloo's worker threads can still hold finished work whose tensors
+    are freed during finalization, and the process then aborts (SIGABRT, "terminate called without an
+    active exception") after everything succeeded: seen once in a CI run of the data-parallel benchmark,
+    on a worker that had destroyed its process group. An exception still propagates to torch as usual."""
+    worker(rank, *args)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def init_nccl(rank: int, world_size: int, port: int) -> torch.device:

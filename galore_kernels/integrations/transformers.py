@@ -48,6 +48,7 @@ from ..config import GaLoreConfig
 from ..distributed import LayerwiseDataParallel
 from ..optim import GaLoreAdamW, GaLoreAdamW8bit
 from ..optim.param_groups import galore_param_groups
+from ..sharded import is_sharded
 
 __all__ = ["OPTIMIZER_NAMES", "GaLoreTrainer", "galore_param_groups", "create_optimizer", "GaLoreGradNormCallback"]
 
@@ -219,7 +220,10 @@ class GaLoreGradNormCallback(TrainerCallback):
         if not self.optimizer.layerwise:
             return
         hooks = self.optimizer.layerwise_hooks
-        if args.world_size > 1 and not isinstance(hooks.reducer, LayerwiseDataParallel):
+        # FSDP2 reduces each gradient before the hooks run and, under Trainer's no_sync, only on a window's
+        # last backward pass: neither the reducer nor the optimizer's own accumulation is needed then.
+        sharded = any(is_sharded(p) for group in self.optimizer.param_groups for p in group["params"])
+        if args.world_size > 1 and not sharded and not isinstance(hooks.reducer, LayerwiseDataParallel):
             raise ValueError(
                 f"a layer-wise optimizer given to Trainer cannot train with {args.world_size} processes on its own: "
                 "Trainer's DDP would all-reduce after its hooks have stepped; let GaLoreTrainer build it from a "
@@ -231,7 +235,7 @@ class GaLoreGradNormCallback(TrainerCallback):
                 "a layer-wise optimizer cannot train with fp16=True: the GradScaler unscales gradients after "
                 "backward, when the parameters have already stepped; use bf16=True (no scaler) instead"
             )
-        if self.optimizer.accumulation_steps < args.gradient_accumulation_steps:
+        if not sharded and self.optimizer.accumulation_steps < args.gradient_accumulation_steps:
             raise ValueError(
                 f"the layer-wise optimizer has accumulation_steps={self.optimizer.accumulation_steps}, fewer than "
                 f"gradient_accumulation_steps={args.gradient_accumulation_steps}: it would step before Trainer's "
@@ -306,13 +310,43 @@ class GaLoreTrainer(Trainer):
         # TrainingArguments holds optim as an OptimizerNames member, whose str() is "OptimizerNames.…".
         name = OptimizerNames(self.args.optim).value
         if self.optimizer is None and self.optimizer_cls_and_kwargs is None and name in OPTIMIZER_NAMES:
+            self._check_sharding(name)
             self.optimizer = self._create_galore_optimizer(self.model if model is None else model, name)
-            if self.optimizer.layerwise and self.args.world_size > 1:
+            if self.optimizer.layerwise and self.is_fsdp_enabled:
+                self._sync_hooks_after_prepare(self.optimizer)
+            elif self.optimizer.layerwise and self.args.world_size > 1:
                 self._average_layerwise_across_processes(self.optimizer)
         if isinstance(self.optimizer, GaLoreAdamW):
             self._install_grad_norm_callback(self.optimizer)
         # With self.optimizer set, Trainer only wraps it where it must (SageMaker model parallel).
         return super().create_optimizer(model)
+
+    def _check_sharding(self, name: str) -> None:
+        """Refuse FSDP1; warn where ``TrainingArguments.fsdp`` asks for sharding that accelerate will not do."""
+        if self.is_fsdp_enabled and getattr(self.accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+            raise ValueError(
+                f"optim={name!r} does not work with FSDP1: it flattens each module's parameters into one vector, "
+                "so the weight matrices GaLore projects are gone; use FSDP2: fsdp_config={'version': 2}"
+            )
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            warnings.warn(
+                f"TrainingArguments.fsdp={self.args.fsdp!r} is ignored: accelerate runs FSDP only on GPUs and other "
+                "accelerators, so these CPU processes train under DDP with whole weights and optimizer state on "
+                "each; to shard on CPU processes, use fully_shard in your own loop (docs/distributed.md)",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    def _sync_hooks_after_prepare(self, optimizer: GaLoreAdamW) -> None:
+        """Re-hook the layer-wise optimizer once accelerate's FSDP2 prepare has swapped in sharded parameters."""
+        prepare = self.accelerator.prepare
+
+        def prepare_then_sync_hooks(*objects: Any, **kwargs: Any) -> Any:
+            prepared = prepare(*objects, **kwargs)
+            optimizer.sync_layerwise_hooks()
+            return prepared
+
+        self.accelerator.prepare = prepare_then_sync_hooks
 
     def _average_layerwise_across_processes(self, optimizer: GaLoreAdamW) -> None:
         """Attach LayerwiseDataParallel, and have accelerate prepare the model without DDP."""
@@ -344,7 +378,9 @@ class GaLoreTrainer(Trainer):
             betas=(args.adam_beta1, args.adam_beta2),
             eps=args.adam_epsilon,
             target_modules=args.optim_target_modules,
-            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            # Under FSDP2, Trainer's no_sync defers the reduce-scatter to a window's last backward pass, so the
+            # hooks see each window's gradient once, already summed.
+            gradient_accumulation_steps=1 if self.is_fsdp_enabled else args.gradient_accumulation_steps,
             decay_parameter_names=self.get_decay_parameter_names(model),
         )
 

@@ -186,6 +186,27 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 )
                 self.max_grad_norm = None
 
+    def sync_layerwise_hooks(self) -> None:
+        """Hook the parameters the param groups hold now, after something replaced them in place.
+
+        Accelerate's FSDP2 ``accelerator.prepare(model, optimizer)`` swaps each parameter in the groups for
+        its sharded replacement once the optimizer exists; call this right after it, so the first backward
+        pass already steps layer-wise (:class:`~galore_kernels.integrations.transformers.GaLoreTrainer` does).
+        The hooks on the replaced parameters are removed, which releases them. ``step()`` does the same, with
+        a warning, for parameters it finds unhooked. Raises ``ValueError`` for a new parameter the optimizer
+        cannot step (see the sharding limits in docs/distributed.md); does nothing when not layer-wise.
+
+        Example::
+
+            model, optimizer = accelerator.prepare(model, optimizer)
+            optimizer.sync_layerwise_hooks()
+        """
+        if self._hooks is None:
+            return
+        for group in self.param_groups:
+            self._check_group_edits(group)
+        self._hooks.sync(self.param_groups)
+
     def accumulation_bytes(self) -> tuple[int, int]:
         """Bytes of (full, low-rank) gradient sums held by open layer-wise accumulation windows."""
         return (0, 0) if self._hooks is None else self._hooks.held_bytes()
@@ -370,6 +391,15 @@ class GaLoreAdamW(torch.optim.Optimizer):
             )
         for group in self.param_groups:
             self._check_group_edits(group)
+        if self._hooks is not None and self._hooks.sync(self.param_groups):
+            warnings.warn(
+                "layer-wise optimizer: parameters in param_groups were replaced after it was built (accelerate's "
+                "FSDP2 prepare does this), so this step took their gradients from .grad after backward; they step "
+                "layer-wise from the next backward pass (call optimizer.sync_layerwise_hooks() right after the "
+                "replacement to have the first pass layer-wise too)",
+                UserWarning,
+                stacklevel=_caller_stacklevel(),
+            )
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -434,9 +464,11 @@ class GaLoreAdamW(torch.optim.Optimizer):
         """Refuse a group edited into values the constructor would refuse, or out of its parameters' state
         layout (``rank``, ``proj_type``, ``rank`` removed or added), before any parameter changes."""
         check_group(group)
-        layout = (group.get("rank"), group.get("proj_type"), group.get("experts"))
+        # The parameters are part of the key: accelerate's FSDP2 prepare swaps them for DTensors in place.
+        layout = (group.get("rank"), group.get("proj_type"), group.get("experts"), tuple(map(id, group["params"])))
         if self._checked_layouts.get(id(group)) == layout:
             return
+        _check_sharded(group)
         for param in group["params"]:
             state = self.state.get(param)
             if state:
@@ -456,9 +488,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if again:
             raise RuntimeError(
                 f"{len(again)} parameters (first of shape {tuple(again[0].shape)}) stepped inside backward and have "
-                ".grad set again: layer-wise mode does not work with DDP/FSDP (they write reduced gradients into "
+                ".grad set again: layer-wise mode does not work with DDP or FSDP1 (they write reduced gradients into "
                 ".grad after backward) or with code that sets .grad of hooked parameters; for data parallel training in "
-                "layer-wise mode, leave the model unwrapped and use galore_kernels.distributed.LayerwiseDataParallel"
+                "layer-wise mode, leave the model unwrapped and use galore_kernels.distributed.LayerwiseDataParallel, "
+                "or shard it with FSDP2's fully_shard (it reduces before the hooks run)"
             )
 
     def state_dict(self) -> dict[str, Any]:
@@ -513,7 +546,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         super().load_state_dict({"state": state_dict["state"], "param_groups": saved_groups})
         self._grad_norm.load_state_dict(state_dict.get("galore_kernels", {}))
         if self._hooks is not None:
-            self._hooks.regroup(self.param_groups)  # torch's load_state_dict made new group dicts
+            self._hooks.sync(self.param_groups)  # torch's load_state_dict made new group dicts
         for param_id, saved in state_dict["state"].items():
             if param_id in param_of_id:
                 param = param_of_id[param_id]

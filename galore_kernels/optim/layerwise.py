@@ -123,9 +123,27 @@ class LayerwiseHooks:
             self._handles[param] = param.register_post_accumulate_grad_hook(self._on_grad)
             _HOOKED[param] = self
 
-    def regroup(self, param_groups: list[dict[str, Any]]) -> None:
-        """Point the hooks at new group dicts holding the same parameters (after ``load_state_dict``)."""
+    def sync(self, param_groups: list[dict[str, Any]]) -> int:
+        """Follow the parameters ``param_groups`` hold now, and return how many were newly hooked.
+
+        Hooks point at these group dicts (``load_state_dict`` makes new ones); parameters no longer in any
+        group are unhooked and released, and new ones are hooked. Accelerate's FSDP2 ``prepare`` needs this:
+        it swaps every parameter in the optimizer's groups for its sharded replacement after the optimizer
+        was built, and hooks left on the originals would keep the whole unsharded model alive.
+        """
+        current = {param for group in param_groups for param in group["params"]}
+        gone = [param for param in self._handles if param not in current]
+        if any(param in self.windows for param in gone):
+            self.refuse_if_open("replace parameters")
+        for param in gone:
+            self._handles.pop(param).remove()
+            if _HOOKED.get(param) is self:
+                del _HOOKED[param]
         self._group_of = {p: g for g in param_groups for p in g["params"] if p in self._handles}
+        hooked = len(self._handles)
+        for group in param_groups:
+            self.attach(group)
+        return len(self._handles) - hooked
 
     def orphaned(self) -> bool:
         """Whether the optimizer these hooks step for has been deleted."""
