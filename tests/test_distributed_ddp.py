@@ -11,8 +11,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from galore_kernels.distributed.launch import init_gloo, run_on_ranks
+from galore_kernels.distributed.launch import init_gloo
 from galore_kernels import GaLoreAdamW, GaLoreAdamW8bit
+from rank_results import run_and_load
 
 WORLD_SIZE = 2
 STEPS = 8  # refreshes at steps 0, 3 and 6
@@ -92,8 +93,7 @@ def _single_process(name: str) -> dict:
 def ranks(tmp_path_factory):
     """Both ranks' final weights and optimizer states: one spawn for the whole module."""
     out_dir = tmp_path_factory.mktemp("ddp")
-    run_on_ranks(_worker, WORLD_SIZE, str(out_dir))
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+    return run_and_load(_worker, WORLD_SIZE, out_dir)
 
 
 def _assert_state_equal(ours: dict, theirs: dict) -> None:

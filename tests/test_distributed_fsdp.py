@@ -19,8 +19,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from galore_kernels import GaLoreAdamW, GaLoreAdamW8bit
 from galore_kernels.distributed import kept_dim_placement_fn
-from galore_kernels.distributed.launch import init_gloo, init_nccl, run_on_ranks
-from galore_kernels.state import dequantized_moments
+from galore_kernels.distributed.launch import init_gloo, init_nccl
+from rank_results import run_and_load, run_on_gpus_and_load
 from tolerances import FSDP_CUDA_WEIGHTS, FSDP_UNALIGNED_8BIT_WEIGHTS, FSDP_WEIGHTS, rel_err
 
 WORLD_SIZE = 2
@@ -266,17 +266,13 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, device_type: st
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("fsdp")
-    run_on_ranks(_worker, WORLD_SIZE, str(out_dir))
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+    return run_and_load(_worker, WORLD_SIZE, out_dir)
 
 
 @pytest.fixture(scope="module")
 def cuda_ranks(tmp_path_factory):
-    if torch.cuda.device_count() < WORLD_SIZE:
-        pytest.skip(f"needs {WORLD_SIZE} GPUs (NCCL, one per process), {torch.cuda.device_count()} visible")
     out_dir = tmp_path_factory.mktemp("fsdp_cuda")
-    run_on_ranks(_worker, WORLD_SIZE, str(out_dir), "cuda")
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+    return run_on_gpus_and_load(_worker, WORLD_SIZE, out_dir)
 
 
 def _same_state(a: dict, b: dict) -> bool:

@@ -13,9 +13,10 @@ from torch.distributed.tensor import Shard, distribute_tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from galore_kernels.config import GaLoreConfig
-from galore_kernels.distributed.launch import init_gloo, run_on_ranks
+from galore_kernels.distributed.launch import init_gloo
 from galore_kernels.projector import compute_projector
 from galore_kernels.sharded import ShardLayout, kept_matrix_dim, sketch_refresh_elements, sketched_projector
+from rank_results import run_and_load
 from tolerances import ORTHONORMALITY, SHARDED_SKETCH_PROJECTOR, SHARDED_SKETCH_ENERGY
 
 WORLD_SIZE = 2
@@ -103,8 +104,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("fsdp_refresh")
-    run_on_ranks(_worker, WORLD_SIZE, str(out_dir))
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+    return run_and_load(_worker, WORLD_SIZE, out_dir)
 
 
 @pytest.mark.parametrize("name", [name for name, _, _ in CASES])

@@ -11,7 +11,6 @@ cuda-marked variant runs the same worker on 2 GPUs over NCCL without that step.
 
 from __future__ import annotations
 
-import os
 import warnings
 import weakref
 
@@ -19,7 +18,7 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
-from galore_kernels.distributed.launch import run_on_ranks
+from rank_results import run_and_load, run_on_gpus_and_load, set_torchrun_environment
 from tiny_models import synthetic_tokens, tiny_llama
 
 pytest.importorskip("transformers")
@@ -103,45 +102,29 @@ def _cpu_fsdp_is_ignored(output_dir: str) -> list[str]:
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str, device_type: str = "cpu") -> None:
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )
+    set_torchrun_environment(rank, world_size, port)
     torch.set_num_threads(1)
-    try:
-        results = {}
-        if device_type == "cpu":
-            results["ignored"] = _cpu_fsdp_is_ignored(f"{out_dir}/ignored")
-        for optim in NAMES:
-            results[optim] = _train(optim, f"{out_dir}/{optim}", device_type)
-            checkpoint = f"{out_dir}/{optim}/checkpoint-{CHECKPOINT}"
-            results[f"{optim}/resumed"] = _train(optim, f"{out_dir}/{optim}", device_type, resume=checkpoint)
-        torch.save(results, f"{out_dir}/rank{rank}.pt")
-    finally:
-        # Trainer (accelerate) leaves its process group open; gloo's threads torn down at interpreter exit
-        # abort the process now and then.
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def _load(out_dir) -> list[dict]:
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+    # Trainer leaves its process group open: the launcher destroys it when this returns.
+    results = {}
+    if device_type == "cpu":
+        results["ignored"] = _cpu_fsdp_is_ignored(f"{out_dir}/ignored")
+    for optim in NAMES:
+        results[optim] = _train(optim, f"{out_dir}/{optim}", device_type)
+        checkpoint = f"{out_dir}/{optim}/checkpoint-{CHECKPOINT}"
+        results[f"{optim}/resumed"] = _train(optim, f"{out_dir}/{optim}", device_type, resume=checkpoint)
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("fsdp_trainer")
-    run_on_ranks(_worker, WORLD_SIZE, str(out_dir))
-    return _load(out_dir)
+    return run_and_load(_worker, WORLD_SIZE, out_dir)
 
 
 @pytest.fixture(scope="module")
 def cuda_ranks(tmp_path_factory):
-    if torch.cuda.device_count() < WORLD_SIZE:
-        pytest.skip(f"needs {WORLD_SIZE} GPUs (NCCL, one per process), {torch.cuda.device_count()} visible")
     out_dir = tmp_path_factory.mktemp("fsdp_trainer_cuda")
-    run_on_ranks(_worker, WORLD_SIZE, str(out_dir), "cuda")
-    return _load(out_dir)
+    return run_on_gpus_and_load(_worker, WORLD_SIZE, out_dir)
 
 
 def _check_runs(ranks: list[dict]) -> None:

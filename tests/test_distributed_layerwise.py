@@ -15,8 +15,9 @@ import torch.distributed as dist
 
 from galore_kernels import GaLoreAdamW, GaLoreAdamW8bit
 from galore_kernels.distributed import LayerwiseDataParallel
-from galore_kernels.distributed.launch import init_gloo, run_on_ranks
+from galore_kernels.distributed.launch import init_gloo
 from galore_kernels.state import dequantized_moments
+from rank_results import run_and_load
 from tolerances import LAYERWISE_DATA_PARALLEL, LAYERWISE_DATA_PARALLEL_MOMENTS, rel_err
 
 WORLD_SIZE = 2
@@ -198,8 +199,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 def ranks(tmp_path_factory):
     """Both ranks' results: one spawn for the whole module."""
     out_dir = tmp_path_factory.mktemp("layerwise_dp")
-    run_on_ranks(_worker, WORLD_SIZE, str(out_dir))
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+    return run_and_load(_worker, WORLD_SIZE, out_dir)
 
 
 def _single_process(train, *args) -> dict:

@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 from galore_kernels import GaLoreAdamW
 from galore_kernels.distributed import LayerwiseDataParallel
-from galore_kernels.distributed.launch import init_gloo, run_on_ranks
+from galore_kernels.distributed.launch import init_gloo
+from rank_results import run_and_load
 
 WORLD_SIZE = 2
 CONTROL_TIMEOUT = timedelta(seconds=2)
@@ -91,8 +92,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("layerwise_mismatch")
-    run_on_ranks(_worker, WORLD_SIZE, str(out_dir), deadline_s=120)
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+    return run_and_load(_worker, WORLD_SIZE, out_dir, deadline_s=120)
 
 
 def test_different_backward_pass_counts_raise_on_every_process(ranks):

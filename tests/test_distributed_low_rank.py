@@ -10,10 +10,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from galore_kernels.distributed.launch import init_gloo, run_on_ranks
+from galore_kernels.distributed.launch import init_gloo
 from galore_kernels import GaLoreAdamW, GaLoreAdamW8bit
 from galore_kernels.distributed import LowRankHookState, low_rank_hook
 from galore_kernels.state import dequantized_moments
+from rank_results import run_and_load
 from tolerances import LOW_RANK_VS_PLAIN_DDP, LOW_RANK_VS_PLAIN_DDP_MOMENTS, rel_err
 
 WORLD_SIZE = 2
@@ -87,8 +88,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("low_rank")
-    run_on_ranks(_worker, WORLD_SIZE, str(out_dir))
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+    return run_and_load(_worker, WORLD_SIZE, out_dir)
 
 
 @pytest.mark.parametrize("name", list(CASES))

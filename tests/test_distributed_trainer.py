@@ -5,13 +5,12 @@ uninterrupted one."""
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
 import torch
 
-from galore_kernels.distributed.launch import run_on_ranks
+from rank_results import run_and_load, set_torchrun_environment
 from tiny_models import synthetic_tokens, tiny_llama
 
 pytest.importorskip("transformers")
@@ -47,30 +46,21 @@ def _train(optim: str, output_dir: str, resume: str | None = None) -> tuple[list
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-    )
+    set_torchrun_environment(rank, world_size, port)
     torch.set_num_threads(1)
-    try:
-        results = {}
-        for optim in RUNS:
-            full, losses, norms = _train(optim, f"{out_dir}/{optim}")
-            resumed, _, _ = _train(optim, f"{out_dir}/{optim}", resume=f"{out_dir}/{optim}/checkpoint-{CHECKPOINT}")
-            results[optim] = {"full": full, "resumed": resumed, "losses": losses, "grad_norms": norms}
-        torch.save(results, f"{out_dir}/rank{rank}.pt")
-    finally:
-        # Trainer (accelerate) leaves its process group open; gloo's threads torn down at interpreter exit
-        # abort the process now and then ("terminate called without an active exception").
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    # Trainer leaves its process group open: the launcher destroys it when this returns.
+    results = {}
+    for optim in RUNS:
+        full, losses, norms = _train(optim, f"{out_dir}/{optim}")
+        resumed, _, _ = _train(optim, f"{out_dir}/{optim}", resume=f"{out_dir}/{optim}/checkpoint-{CHECKPOINT}")
+        results[optim] = {"full": full, "resumed": resumed, "losses": losses, "grad_norms": norms}
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("trainer")
-    run_on_ranks(_worker, WORLD_SIZE, str(out_dir))
-    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=True) for rank in range(WORLD_SIZE)]
+    return run_and_load(_worker, WORLD_SIZE, out_dir)
 
 
 @pytest.mark.slow
