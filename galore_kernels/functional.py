@@ -11,12 +11,13 @@ from __future__ import annotations
 import functools
 import importlib.util
 from collections import defaultdict
+from types import ModuleType
 from typing import Any
 
 import torch
 
+from . import native, reference
 from . import projector as proj
-from . import reference
 from .config import AdamHyper, GaLoreConfig
 from .state import is_quantized, matrix_shape
 
@@ -30,7 +31,7 @@ __all__ = [
     "project_gradient",
 ]
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "native")
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,13 +45,19 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "triton" and not _triton_available():
         raise RuntimeError("backend='triton' needs the triton package, which is not installed; use 'auto' or 'torch'")
+    if backend == "native" and not native.native_available():
+        raise RuntimeError(
+            f"backend='native' needs the native CPU library, which {native.unavailable_reason()}; use 'auto' or 'torch'"
+        )
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend that runs a step on ``device``: "torch" or "triton"."""
     check_backend(backend)
-    if backend == "torch":
-        return "torch"
+    if backend == "native" and device.type != "cpu":
+        raise RuntimeError(f"backend='native' runs on CPU tensors; got a {device.type} tensor (use 'auto' there)")
+    if backend in ("torch", "native"):
+        return "torch"  # the reference's path; "native" swaps its 8-bit Adam for the library's (_cpu_step)
     from .kernels.common.runtime import interpreting
 
     runnable = device.type == "cuda" or interpreting()
@@ -80,7 +87,7 @@ def adamw(
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, (p, g, s) in enumerate(zip(params, grads, states)):
         if resolve_backend(backend, p.device) == "torch" or not p.is_contiguous() or p.dtype == torch.float64:
-            reference.adamw([p], [g], [s], hyper)
+            _cpu_step(backend).adamw([p], [g], [s], hyper)
         else:
             buckets[(p.device, p.dtype, g.dtype, is_quantized(s))].append(i)
     if not buckets:
@@ -91,6 +98,13 @@ def adamw(
         adamw_kernel.adamw(
             [params[i] for i in members], [grads[i] for i in members], [states[i] for i in members], hyper
         )
+
+
+def _cpu_step(backend: str) -> ModuleType:
+    """Where a step that does not run the Triton kernels goes: "native" takes the native CPU library for
+    8-bit state (:mod:`galore_kernels.native`, which falls back to the reference where it cannot run);
+    every other backend the reference alone."""
+    return native if backend == "native" else reference
 
 
 def _runs_kernels(param: torch.Tensor, side: str, backend: str, *, stacked: bool) -> bool:
@@ -124,7 +138,7 @@ def galore_adamw_step(
     g = grad.reshape(matrix_shape(param, config.experts))
     side = proj.resolve_side(config.proj_type, tuple(g.shape[-2:]))
     if not _runs_kernels(param, side, backend, stacked=g.dim() == 3):
-        reference.galore_adamw_step(param, grad, state, hyper, config)
+        reference.galore_adamw_step(param, grad, state, hyper, config, adam=_cpu_step(backend).adam_direction)
         return
     from .kernels.gaussian_sketch import gaussian_sketch
     from .kernels.project_adam import project_adam
@@ -164,7 +178,7 @@ def galore_adamw_step_from_projection(
     shape = matrix_shape(param, config.experts)
     side = proj.resolve_side(config.proj_type, shape[-2:])
     if not _runs_kernels(param, side, backend, stacked=len(shape) == 3):
-        reference.galore_adamw_step_from_projection(param, s, state, hyper, config)
+        reference.galore_adamw_step_from_projection(param, s, state, hyper, config, adam=_cpu_step(backend).adam_direction)
         return
     from .kernels.project_adam import adam_direction
 

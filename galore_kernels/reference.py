@@ -17,6 +17,7 @@ Every step computes in fp32 (float64 for float64 parameters) and writes the weig
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -184,17 +185,27 @@ def project(state: dict[str, Any], g: torch.Tensor, side: str) -> torch.Tensor:
     return b @ proj.oriented(g, side).to(dtype)
 
 
+AdamDirection = Callable[[torch.Tensor, dict[str, Any], AdamHyper, float], torch.Tensor]
+
+
 def galore_adamw_step_from_projection(
-    param: torch.Tensor, s: torch.Tensor, state: dict[str, Any], hyper: AdamHyper, config: GaLoreConfig
+    param: torch.Tensor,
+    s: torch.Tensor,
+    state: dict[str, Any],
+    hyper: AdamHyper,
+    config: GaLoreConfig,
+    *,
+    adam: AdamDirection = adam_direction,
 ) -> None:
     """The step after projection: Adam on the fp32 projected gradient ``s`` (r × k), back-project, update W.
 
     Layer-wise accumulation sums projected gradients and steps through here; :func:`galore_adamw_step`
-    is a refresh, :func:`project` and this.
+    is a refresh, :func:`project` and this. ``adam`` computes the direction: :func:`adam_direction`, or
+    the native CPU library's equal (:mod:`galore_kernels.native`).
     """
     t = state["step"]
     side = proj.resolve_side(config.proj_type, matrix_shape(param, config.experts)[-2:])
-    direction = adam_direction(s, state, hyper, config.scale)
+    direction = adam(s, state, hyper, config.scale)
     step_size = hyper.step_size(t)
     if side == "full":
         dtype = direction.dtype
@@ -206,7 +217,13 @@ def galore_adamw_step_from_projection(
 
 
 def galore_adamw_step(
-    param: torch.Tensor, grad: torch.Tensor, state: dict[str, Any], hyper: AdamHyper, config: GaLoreConfig
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict[str, Any],
+    hyper: AdamHyper,
+    config: GaLoreConfig,
+    *,
+    adam: AdamDirection = adam_direction,
 ) -> None:
     """One GaLore-AdamW step of a ≥2-D parameter: refresh B on schedule, S = B·G', Adam on S, W update.
 
@@ -222,4 +239,4 @@ def galore_adamw_step(
     side = proj.resolve_side(config.proj_type, tuple(g.shape[-2:]))
     if needs_refresh(state, config.update_proj_gap):
         refresh_projector_(state, g, side, config)
-    galore_adamw_step_from_projection(param, project(state, g, side), state, hyper, config)
+    galore_adamw_step_from_projection(param, project(state, g, side), state, hyper, config, adam=adam)

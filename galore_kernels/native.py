@@ -1,0 +1,144 @@
+"""The native CPU library built from csrc/ at install time, called through ctypes (docs/DESIGN.md §6).
+
+It holds the 8-bit Adam step in one pass over memory. Codes and absmax equal the reference's
+(:func:`galore_kernels.reference.adam_direction` and :func:`galore_kernels.reference.adamw`) byte for
+byte; the direction N and the weights are within 1 ulp of N: the library's square root is IEEE-exact,
+torch 2.13's CPU ``sqrt`` is not (1 ulp off on 20% of fp32 inputs, measured). ``backend="native"`` uses
+it for 8-bit state of CPU tensors; it is not yet what "auto" picks (docs/DESIGN.md §6 says why). Where no
+compiler was there at install the library is missing and ``backend="native"`` says so;
+``GALORE_KERNELS_NATIVE=0`` turns it off.
+
+>>> isinstance(native_available(), bool)
+True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.machinery
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import reference
+from .config import AdamHyper
+from .quant import BLOCK_SIZE, code_midpoints, dynamic_map
+
+__all__ = ["native_available", "unavailable_reason", "adam8bit_step_", "adam_direction", "adamw"]
+
+DISABLE_VARIABLE = "GALORE_KERNELS_NATIVE"
+_F = ctypes.c_float
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+def _library_path() -> Path | None:
+    here = Path(__file__).parent
+    candidates = [here / f"_native{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    return next((path for path in candidates if path.is_file()), None)
+
+
+@functools.lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL | None:
+    path = _library_path()
+    if os.environ.get(DISABLE_VARIABLE, "1") == "0" or path is None:
+        return None
+    library = ctypes.CDLL(str(path))
+    library.gk_adam8bit_step.restype = None
+    library.gk_adam8bit_step.argtypes = [_P] * 11 + [_I] * 3 + [_F] * 6 + [_P, _P, _F, _F]
+    library.gk_code_table.restype = None
+    library.gk_code_table.argtypes = [_P, _P]
+    return library
+
+
+def unavailable_reason() -> str:
+    """Why :func:`native_available` is False, as a clause ("was not built ..."); empty when it is True."""
+    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
+        return f"is turned off by {DISABLE_VARIABLE}=0"
+    if _library_path() is None:
+        return "was not built at install (reinstall with a C++ compiler with OpenMP, such as g++)"
+    return ""
+
+
+def native_available() -> bool:
+    """Whether the native CPU library is loaded (built at install, and not turned off by
+    ``GALORE_KERNELS_NATIVE=0``)."""
+    return _library() is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _tables(signed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(map, midpoints, code table) of one dynamic map, on the CPU, built once per process."""
+    library = _library()
+    code, mid = dynamic_map(signed).contiguous(), code_midpoints(signed).contiguous()
+    table = torch.empty(1 << 16, dtype=torch.uint8)
+    library.gk_code_table(mid.data_ptr(), table.data_ptr())
+    return code, mid, table
+
+
+def _runs_natively(grad: torch.Tensor, state: dict[str, Any]) -> bool:
+    codes = state["exp_avg"]
+    return (
+        grad.device.type == "cpu"
+        and grad.dtype == torch.float32
+        and "exp_avg_absmax" in state
+        and codes.dim() == 2
+        and codes.shape[1] > 0
+        and all(state[name].is_contiguous() for name in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"))
+        and tuple(state["exp_avg_absmax"].shape) == (codes.shape[0], -(-codes.shape[1] // BLOCK_SIZE))
+        and native_available()
+    )
+
+
+def adam8bit_step_(
+    grad: torch.Tensor,
+    state: dict[str, Any],
+    hyper: AdamHyper,
+    *,
+    scale: float = 1.0,
+    weight: torch.Tensor | None = None,
+    step_size: float = 0.0,
+) -> torch.Tensor | None:
+    """The 8-bit Adam step of ``state`` on the fp32 ``grad`` (moment-shaped), in the library; None when
+    it cannot run here (not loaded, not a CPU fp32 gradient, not 8-bit state), so the caller
+    runs the reference. Returns N = scale·m / (√v + ε), or with ``weight`` (fp32, contiguous) applies
+    W ← W·decay − step_size·N in place and returns ``weight``."""
+    if not _runs_natively(grad, state):
+        return None
+    rows, k = state["exp_avg"].shape
+    g = grad.reshape(rows, k).contiguous()
+    direction = None if weight is not None else torch.empty(rows, k, dtype=torch.float32)
+    signed_map, signed_mid, signed_table = _tables(True)
+    unsigned_map, unsigned_mid, unsigned_table = _tables(False)
+    _library().gk_adam8bit_step(
+        g.data_ptr(), state["exp_avg"].data_ptr(), state["exp_avg_absmax"].data_ptr(), state["exp_avg_sq"].data_ptr(),
+        state["exp_avg_sq_absmax"].data_ptr(), signed_map.data_ptr(), signed_mid.data_ptr(), signed_table.data_ptr(),
+        unsigned_map.data_ptr(), unsigned_mid.data_ptr(), unsigned_table.data_ptr(), rows, k, BLOCK_SIZE,
+        hyper.beta1, 1.0 - hyper.beta1, hyper.beta2, 1.0 - hyper.beta2, hyper.eps, scale,
+        None if direction is None else direction.data_ptr(), None if weight is None else weight.data_ptr(),
+        hyper.decay, -step_size,
+    )
+    return weight if weight is not None else direction
+
+
+def adam_direction(s: torch.Tensor, state: dict[str, Any], hyper: AdamHyper, scale: float = 1.0) -> torch.Tensor:
+    """:func:`galore_kernels.reference.adam_direction` through the library where it runs here, else the
+    reference itself."""
+    direction = adam8bit_step_(s, state, hyper, scale=scale)
+    return reference.adam_direction(s, state, hyper, scale) if direction is None else direction
+
+
+def adamw(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, Any]], hyper: AdamHyper) -> None:
+    """:func:`galore_kernels.reference.adamw`, with the library's fused pass (moments and weight together)
+    for contiguous fp32 parameters with 8-bit state; everything else takes the reference."""
+    for param, grad, state in zip(params, grads, states):
+        t = state["step"]
+        if param.dtype == torch.float32 and param.is_contiguous():
+            s = grad.to(torch.float32).reshape(state["exp_avg"].shape)
+            if adam8bit_step_(s, state, hyper, weight=param.view(s.shape), step_size=hyper.step_size(t)) is not None:
+                state["step"] = t + 1
+                continue
+        reference.adamw([param], [grad], [state], hyper)
