@@ -1,11 +1,14 @@
-// The 8-bit Adam step on the CPU in one pass over memory (docs/DESIGN.md §4 and §6).
+// The 8-bit Adam step on the CPU in one pass over memory (docs/DESIGN.md §6).
 //
 // Each 256-element block of a moment row is dequantized, updated, used for the direction and quantized
 // back to the nearest code of the dynamic map while it sits in L1; plain AdamW groups update an fp32
 // weight in the same pass. The arithmetic is the reference's, operation for operation, so that codes and
-// absmax are identical to galore_kernels.quant and the fp32 results bit-equal to torch on this CPU:
-// torch's add(alpha) and addcmul are fused multiply-adds (Vectorized::fmadd), written here as std::fma;
-// the library is built with -ffp-contract=off so that the compiler adds no other fusion.
+// absmax are identical to galore_kernels.quant: torch's add(alpha) and addcmul are fused multiply-adds
+// (Vectorized::fmadd), written here as fma; the library is built with -ffp-contract=off so that the
+// compiler adds no other fusion.
+//
+// Two versions of the block: AVX2+FMA intrinsics, picked at run time where the CPU has them (the library
+// is built without -march flags, so it loads on any x86-64), and portable scalar code.
 //
 // A plain C ABI, loaded with ctypes: no Python or torch headers, so `pip install` builds it without
 // pulling torch into an isolated build environment.
@@ -14,62 +17,252 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
-constexpr int kMapSize = 256;
-constexpr int64_t kMaxBlock = 1024;  // the Python side refuses larger blocks
-constexpr int kTableSize = 1 << 16;
+constexpr int kCodes = 256;
+constexpr int64_t kMaxBlock = 1024;  // the Python side passes 256
+constexpr uint32_t kTableSize = 1u << 16;
 
-// The code of x: how many of the 255 ascending midpoints lie strictly below x (the nearest map entry,
-// ties to the lower code). table[bits of x >> 16] is that count for the smallest float sharing x's top
-// 16 bits, a lower bound; the midpoints between it and x are at most one or two (the map's entries are
-// at least 2^-7 apart relative to their magnitude), so the scan that finishes the count is short.
-inline uint8_t code_of(float x, const float* mid, const uint8_t* table) {
+// What one call needs to know, shared by both versions of the block.
+struct Step {
+    const float* grad;
+    uint8_t* m_codes;
+    float* m_absmax;
+    uint8_t* v_codes;
+    float* v_absmax;
+    const float* signed_map;
+    const float* signed_mid;  // 256 entries: the 255 midpoints, then +inf
+    const int32_t* signed_table;
+    const float* unsigned_map;
+    const float* unsigned_mid;
+    const int32_t* unsigned_table;
+    float beta1, one_minus_beta1, beta2, one_minus_beta2, eps, scale;
+    float* direction;
+    float* weight;
+    float decay, neg_step_size;
+};
+
+// The code of x: how many midpoints lie strictly below x (the nearest map entry, ties to the lower code).
+// table[bits of x >> 16] counts them for the smallest float sharing x's top 16 bits; at most one more
+// midpoint lies between that float and x (checked for every prefix of |x| <= 1 when the tables were
+// designed: the map's entries are further apart than 2^-7 of their magnitude), so one comparison
+// finishes the count. mid[255] = +inf ends the count at 255.
+inline int code_of(float x, const float* mid, const int32_t* table) {
     uint32_t bits;
     std::memcpy(&bits, &x, sizeof bits);
-    int code = table[bits >> 16];
-    while (code < kMapSize - 1 && mid[code] < x) {
-        ++code;
-    }
-    return static_cast<uint8_t>(code);
+    const int code = table[bits >> 16];
+    return code + (mid[code] < x ? 1 : 0);
 }
+
+void block_scalar(const Step& st, int64_t offset, int64_t length, int64_t b, float* m, float* v) {
+    const float m_scale = st.m_absmax[b];
+    const float v_scale = st.v_absmax[b];
+    float m_max = 0.0f;
+    float v_max = 0.0f;
+    for (int64_t i = 0; i < length; ++i) {
+        const float s = st.grad[offset + i];
+        m[i] = std::fma(s, st.one_minus_beta1, st.signed_map[st.m_codes[offset + i]] * m_scale * st.beta1);
+        v[i] = std::fma(st.one_minus_beta2 * s, s, st.unsigned_map[st.v_codes[offset + i]] * v_scale * st.beta2);
+        m_max = std::fmax(m_max, std::fabs(m[i]));
+        v_max = std::fmax(v_max, v[i]);
+    }
+    for (int64_t i = 0; i < length; ++i) {
+        float n = m[i] / (std::sqrt(v[i]) + st.eps);
+        if (st.scale != 1.0f) {
+            n *= st.scale;
+        }
+        if (st.weight != nullptr) {
+            const float w = st.weight[offset + i];
+            st.weight[offset + i] = std::fma(n, st.neg_step_size, st.decay != 1.0f ? w * st.decay : w);
+        } else {
+            st.direction[offset + i] = n;
+        }
+    }
+    // An all-zero block scales by 1 (its values are zero either way), as quant.quantize_blockwise.
+    const float m_inv = m_max > 0.0f ? 1.0f / m_max : 1.0f;
+    const float v_inv = v_max > 0.0f ? 1.0f / v_max : 1.0f;
+    for (int64_t i = 0; i < length; ++i) {
+        st.m_codes[offset + i] = static_cast<uint8_t>(code_of(m[i] * m_inv, st.signed_mid, st.signed_table));
+        st.v_codes[offset + i] = static_cast<uint8_t>(code_of(v[i] * v_inv, st.unsigned_mid, st.unsigned_table));
+    }
+    st.m_absmax[b] = m_max;
+    st.v_absmax[b] = v_max;
+}
+
+#if defined(__x86_64__)
+
+__attribute__((target("avx2,fma"))) inline float horizontal_max(__m256 x) {
+    __m128 y = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    y = _mm_max_ps(y, _mm_movehl_ps(y, y));
+    y = _mm_max_ss(y, _mm_shuffle_ps(y, y, 1));
+    return _mm_cvtss_f32(y);
+}
+
+__attribute__((target("avx2,fma"))) inline __m256i codes_of(__m256 x, const float* mid, const int32_t* table) {
+    const __m256i prefix = _mm256_srli_epi32(_mm256_castps_si256(x), 16);
+    const __m256i code = _mm256_i32gather_epi32(table, prefix, 4);
+    const __m256 below = _mm256_cmp_ps(_mm256_i32gather_ps(mid, code, 4), x, _CMP_LT_OQ);
+    return _mm256_sub_epi32(code, _mm256_castps_si256(below));  // a true comparison is -1
+}
+
+// The low byte of each of 8 int32 lanes, as 8 consecutive bytes.
+__attribute__((target("avx2,fma"))) inline void store_bytes(uint8_t* out, __m256i codes) {
+    const __m256i low_bytes = _mm256_shuffle_epi8(
+        codes, _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1,
+                                -1, -1, -1, -1, -1, -1, -1, -1, -1));
+    const __m256i packed = _mm256_permutevar8x32_epi32(low_bytes, _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(packed));
+}
+
+__attribute__((target("avx2,fma"))) void block_avx2(const Step& st, int64_t offset, int64_t length, int64_t b, float* m,
+                                                      float* v) {
+    const int64_t vector_length = length & ~int64_t{7};
+    if (vector_length == 0) {
+        block_scalar(st, offset, length, b, m, v);
+        return;
+    }
+    const __m256 m_scale = _mm256_set1_ps(st.m_absmax[b]);
+    const __m256 v_scale = _mm256_set1_ps(st.v_absmax[b]);
+    const __m256 beta1 = _mm256_set1_ps(st.beta1), one_minus_beta1 = _mm256_set1_ps(st.one_minus_beta1);
+    const __m256 beta2 = _mm256_set1_ps(st.beta2), one_minus_beta2 = _mm256_set1_ps(st.one_minus_beta2);
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 m_max = _mm256_setzero_ps();
+    __m256 v_max = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i < vector_length; i += 8) {
+        const __m256 s = _mm256_loadu_ps(st.grad + offset + i);
+        const __m256i mc = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(st.m_codes + offset + i)));
+        const __m256i vc = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(st.v_codes + offset + i)));
+        const __m256 m_old = _mm256_mul_ps(_mm256_mul_ps(_mm256_i32gather_ps(st.signed_map, mc, 4), m_scale), beta1);
+        const __m256 v_old = _mm256_mul_ps(_mm256_mul_ps(_mm256_i32gather_ps(st.unsigned_map, vc, 4), v_scale), beta2);
+        const __m256 m_new = _mm256_fmadd_ps(s, one_minus_beta1, m_old);
+        const __m256 v_new = _mm256_fmadd_ps(_mm256_mul_ps(one_minus_beta2, s), s, v_old);
+        _mm256_storeu_ps(m + i, m_new);
+        _mm256_storeu_ps(v + i, v_new);
+        m_max = _mm256_max_ps(m_max, _mm256_and_ps(m_new, magnitude));
+        v_max = _mm256_max_ps(v_max, v_new);
+    }
+    float m_top = horizontal_max(m_max);
+    float v_top = horizontal_max(v_max);
+    for (; i < length; ++i) {  // the tail of a short last block
+        const float s = st.grad[offset + i];
+        m[i] = std::fma(s, st.one_minus_beta1, st.signed_map[st.m_codes[offset + i]] * st.m_absmax[b] * st.beta1);
+        v[i] = std::fma(st.one_minus_beta2 * s, s, st.unsigned_map[st.v_codes[offset + i]] * st.v_absmax[b] * st.beta2);
+        m_top = std::fmax(m_top, std::fabs(m[i]));
+        v_top = std::fmax(v_top, v[i]);
+    }
+
+    const __m256 eps = _mm256_set1_ps(st.eps), scale = _mm256_set1_ps(st.scale);
+    const __m256 decay = _mm256_set1_ps(st.decay), neg_step_size = _mm256_set1_ps(st.neg_step_size);
+    for (i = 0; i < vector_length; i += 8) {
+        __m256 n = _mm256_div_ps(_mm256_loadu_ps(m + i), _mm256_add_ps(_mm256_sqrt_ps(_mm256_loadu_ps(v + i)), eps));
+        if (st.scale != 1.0f) {
+            n = _mm256_mul_ps(n, scale);
+        }
+        if (st.weight != nullptr) {
+            __m256 w = _mm256_loadu_ps(st.weight + offset + i);
+            if (st.decay != 1.0f) {
+                w = _mm256_mul_ps(w, decay);
+            }
+            _mm256_storeu_ps(st.weight + offset + i, _mm256_fmadd_ps(n, neg_step_size, w));
+        } else {
+            _mm256_storeu_ps(st.direction + offset + i, n);
+        }
+    }
+    for (; i < length; ++i) {
+        float n = m[i] / (std::sqrt(v[i]) + st.eps);
+        if (st.scale != 1.0f) {
+            n *= st.scale;
+        }
+        if (st.weight != nullptr) {
+            const float w = st.weight[offset + i];
+            st.weight[offset + i] = std::fma(n, st.neg_step_size, st.decay != 1.0f ? w * st.decay : w);
+        } else {
+            st.direction[offset + i] = n;
+        }
+    }
+
+    const float m_inv = m_top > 0.0f ? 1.0f / m_top : 1.0f;
+    const float v_inv = v_top > 0.0f ? 1.0f / v_top : 1.0f;
+    const __m256 m_inv8 = _mm256_set1_ps(m_inv), v_inv8 = _mm256_set1_ps(v_inv);
+    for (i = 0; i < vector_length; i += 8) {
+        store_bytes(st.m_codes + offset + i, codes_of(_mm256_mul_ps(_mm256_loadu_ps(m + i), m_inv8), st.signed_mid,
+                                                      st.signed_table));
+        store_bytes(st.v_codes + offset + i, codes_of(_mm256_mul_ps(_mm256_loadu_ps(v + i), v_inv8),
+                                                      st.unsigned_mid, st.unsigned_table));
+    }
+    for (; i < length; ++i) {
+        st.m_codes[offset + i] = static_cast<uint8_t>(code_of(m[i] * m_inv, st.signed_mid, st.signed_table));
+        st.v_codes[offset + i] = static_cast<uint8_t>(code_of(v[i] * v_inv, st.unsigned_mid, st.unsigned_table));
+    }
+    st.m_absmax[b] = m_top;
+    st.v_absmax[b] = v_top;
+}
+
+bool has_avx2_fma() {
+    static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return has;
+}
+
+#endif
 
 }  // namespace
 
 extern "C" {
 
-int gk_abi_version() { return 1; }
+int gk_abi_version() { return 2; }
 
-// table[p] = number of midpoints below the smallest float whose top 16 bits are p (for a negative
-// prefix that is the one with all low bits set: the largest magnitude).
-void gk_code_table(const float* mid, uint8_t* table) {
+// Whether the AVX2 version of the block runs on this CPU (1) or the scalar one (0).
+int gk_uses_avx2() {
+#if defined(__x86_64__)
+    return has_avx2_fma() ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
+// table[p] = number of midpoints (mid: 255 ascending values) below the smallest float whose top 16 bits
+// are p (for a negative prefix, the one with all low bits set: the largest magnitude).
+void gk_code_table(const float* mid, int32_t* table) {
     for (uint32_t prefix = 0; prefix < kTableSize; ++prefix) {
-        uint32_t bits = (prefix << 16) | ((prefix & 0x8000u) ? 0xFFFFu : 0u);
+        const uint32_t bits = (prefix << 16) | ((prefix & 0x8000u) ? 0xFFFFu : 0u);
         float smallest;
         std::memcpy(&smallest, &bits, sizeof smallest);
         int count = 0;
         if (!std::isnan(smallest)) {
-            while (count < kMapSize - 1 && mid[count] < smallest) {
+            while (count < kCodes - 1 && mid[count] < smallest) {
                 ++count;
             }
         }
-        table[prefix] = static_cast<uint8_t>(count);
+        table[prefix] = count;
     }
 }
 
 // One Adam step of 8-bit moments stored as (rows, k) codes with (rows, ceil(k / block)) absmax.
 //   grad        (rows, k) fp32: the gradient, or the projected gradient S of a GaLore weight
+//   *_mid       256 floats: the map's 255 midpoints, then +inf; *_table: gk_code_table of them
 //   direction   (rows, k) fp32 or null: receives N = scale * m / (sqrt(v) + eps)
 //   weight      (rows, k) fp32 or null: W <- fma(N, neg_step_size, W * decay) instead (plain AdamW)
 // beta1, one_minus_beta1, ... are the fp32 values torch uses for the Python floats of AdamHyper.
 void gk_adam8bit_step(const float* grad, uint8_t* m_codes, float* m_absmax, uint8_t* v_codes, float* v_absmax,
-                      const float* signed_map, const float* signed_mid, const uint8_t* signed_table,
-                      const float* unsigned_map, const float* unsigned_mid, const uint8_t* unsigned_table,
+                      const float* signed_map, const float* signed_mid, const int32_t* signed_table,
+                      const float* unsigned_map, const float* unsigned_mid, const int32_t* unsigned_table,
                       int64_t rows, int64_t k, int64_t block, float beta1, float one_minus_beta1, float beta2,
                       float one_minus_beta2, float eps, float scale, float* direction, float* weight, float decay,
                       float neg_step_size) {
+    const Step st{grad,         m_codes,        m_absmax, v_codes,         v_absmax, signed_map,
+                  signed_mid,   signed_table,   unsigned_map, unsigned_mid, unsigned_table, beta1,
+                  one_minus_beta1, beta2,       one_minus_beta2, eps,      scale,    direction,
+                  weight,       decay,          neg_step_size};
     const int64_t blocks_per_row = (k + block - 1) / block;
     const int64_t blocks = rows * blocks_per_row;
+#if defined(__x86_64__)
+    const bool avx2 = has_avx2_fma();
+#endif
 #pragma omp parallel
     {
         float m[kMaxBlock];
@@ -80,41 +273,13 @@ void gk_adam8bit_step(const float* grad, uint8_t* m_codes, float* m_absmax, uint
             const int64_t start = (b % blocks_per_row) * block;
             const int64_t length = (start + block <= k) ? block : k - start;
             const int64_t offset = row * k + start;
-            const float m_scale = m_absmax[b];
-            const float v_scale = v_absmax[b];
-            float m_max = 0.0f;
-            float v_max = 0.0f;
-            for (int64_t i = 0; i < length; ++i) {
-                const float s = grad[offset + i];
-                const float m_new = std::fma(s, one_minus_beta1, signed_map[m_codes[offset + i]] * m_scale * beta1);
-                const float v_new =
-                    std::fma(one_minus_beta2 * s, s, unsigned_map[v_codes[offset + i]] * v_scale * beta2);
-                m[i] = m_new;
-                v[i] = v_new;
-                m_max = std::fmax(m_max, std::fabs(m_new));
-                v_max = std::fmax(v_max, v_new);
+#if defined(__x86_64__)
+            if (avx2) {
+                block_avx2(st, offset, length, b, m, v);
+                continue;
             }
-            for (int64_t i = 0; i < length; ++i) {
-                float n = m[i] / (std::sqrt(v[i]) + eps);
-                if (scale != 1.0f) {
-                    n *= scale;
-                }
-                if (weight != nullptr) {
-                    const float w = weight[offset + i];
-                    weight[offset + i] = std::fma(n, neg_step_size, decay != 1.0f ? w * decay : w);
-                } else {
-                    direction[offset + i] = n;
-                }
-            }
-            // An all-zero block scales by 1 (its values are zero either way), as quant.quantize_blockwise.
-            const float m_inv = m_max > 0.0f ? 1.0f / m_max : 1.0f;
-            const float v_inv = v_max > 0.0f ? 1.0f / v_max : 1.0f;
-            for (int64_t i = 0; i < length; ++i) {
-                m_codes[offset + i] = code_of(m[i] * m_inv, signed_mid, signed_table);
-                v_codes[offset + i] = code_of(v[i] * v_inv, unsigned_mid, unsigned_table);
-            }
-            m_absmax[b] = m_max;
-            v_absmax[b] = v_max;
+#endif
+            block_scalar(st, offset, length, b, m, v);
         }
     }
 }

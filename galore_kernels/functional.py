@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 from collections import defaultdict
-from types import ModuleType
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import torch
 
@@ -100,11 +100,22 @@ def adamw(
         )
 
 
-def _cpu_step(backend: str) -> ModuleType:
-    """Where a step that does not run the Triton kernels goes: "native" takes the native CPU library for
-    8-bit state (:mod:`galore_kernels.native`, which falls back to the reference where it cannot run);
-    every other backend the reference alone."""
-    return native if backend == "native" else reference
+class _CpuSteps(NamedTuple):
+    """The functions a step runs where it does not run the Triton kernels."""
+
+    adamw: Callable[..., None]
+    adam_direction: reference.AdamDirection
+    sketch: proj.Sketch
+
+
+_REFERENCE = _CpuSteps(reference.adamw, reference.adam_direction, proj.gaussian_sketch)
+# The native CPU library's equals: each falls back to the reference where it cannot run (galore_kernels.native).
+_NATIVE = _CpuSteps(native.adamw, native.adam_direction, native.gaussian_sketch)
+
+
+def _cpu_step(backend: str) -> _CpuSteps:
+    """"native" takes the native CPU library; every other backend the reference alone."""
+    return _NATIVE if backend == "native" else _REFERENCE
 
 
 def _runs_kernels(param: torch.Tensor, side: str, backend: str, *, stacked: bool) -> bool:
@@ -138,7 +149,8 @@ def galore_adamw_step(
     g = grad.reshape(matrix_shape(param, config.experts))
     side = proj.resolve_side(config.proj_type, tuple(g.shape[-2:]))
     if not _runs_kernels(param, side, backend, stacked=g.dim() == 3):
-        reference.galore_adamw_step(param, grad, state, hyper, config, adam=_cpu_step(backend).adam_direction)
+        steps = _cpu_step(backend)
+        reference.galore_adamw_step(param, grad, state, hyper, config, adam=steps.adam_direction, sketch=steps.sketch)
         return
     from .kernels.gaussian_sketch import gaussian_sketch
     from .kernels.project_adam import project_adam

@@ -224,6 +224,7 @@ def galore_adamw_step(
     config: GaLoreConfig,
     *,
     adam: AdamDirection = adam_direction,
+    sketch: proj.Sketch = proj.gaussian_sketch,
 ) -> None:
     """One GaLore-AdamW step of a ≥2-D parameter: refresh B on schedule, S = B·G', Adam on S, W update.
 
@@ -238,5 +239,5 @@ def galore_adamw_step(
     g = grad.reshape(matrix_shape(param, config.experts))
     side = proj.resolve_side(config.proj_type, tuple(g.shape[-2:]))
     if needs_refresh(state, config.update_proj_gap):
-        refresh_projector_(state, g, side, config)
+        refresh_projector_(state, g, side, config, sketch=sketch)
     galore_adamw_step_from_projection(param, project(state, g, side), state, hyper, config, adam=adam)
