@@ -65,6 +65,11 @@ class GaLoreConfig:
     # How a DTensor (FSDP2) weight's projector is recomputed: "auto" picks per shape, "sketch" runs the
     # randomized SVD through all-reduces, "gather" refreshes on one process (galore_kernels.sharded.refresh).
     sharded_refresh: str = "auto"
+    # How a randomized refresh's new basis is matched to the previous one, whose coordinates the moments
+    # are in: "procrustes" rotates it by the r × r orthogonal matrix closest to B_old·B_newᵀ (same
+    # subspace, rows as close to the old rows as it allows), "signs" flips rows against their
+    # predecessors, "none" keeps canonical signs. svd="exact" keeps galore-torch's signs in every case.
+    projector_alignment: str = "signs"
     # Each ≥3-D parameter of the group is a stack of matrices (experts × out × in, as transformers stores
     # mixture-of-experts weights), each projected with its own projector; otherwise (shape[0], rest).
     experts: bool = False

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from . import native, reference
+from . import native, reference, rng
 from . import projector as proj
 from .config import AdamHyper, GaLoreConfig
 from .state import is_quantized, matrix_shape
@@ -29,6 +29,7 @@ __all__ = [
     "galore_adamw_step",
     "galore_adamw_step_from_projection",
     "project_gradient",
+    "gaussian_source",
 ]
 
 BACKENDS = ("auto", "torch", "triton", "native")
@@ -106,16 +107,24 @@ class _CpuSteps(NamedTuple):
     adamw: Callable[..., None]
     adam_direction: reference.AdamDirection
     sketch: proj.Sketch
+    source: rng.GaussianSource  # the sketch's Ω, for the paths that draw rows of it (sharded refreshes)
 
 
-_REFERENCE = _CpuSteps(reference.adamw, reference.adam_direction, proj.gaussian_sketch)
-# The native CPU library's equals: each falls back to the reference where it cannot run (galore_kernels.native).
-_NATIVE = _CpuSteps(native.adamw, native.adam_direction, native.gaussian_sketch)
+_REFERENCE = _CpuSteps(reference.adamw, reference.adam_direction, proj.gaussian_sketch, rng.randn_range)
+# The native CPU library's equals; each runs the reference where it cannot run (galore_kernels.native).
+_NATIVE = _CpuSteps(native.adamw, native.adam_direction, native.gaussian_sketch, native.randn_range)
 
 
 def _cpu_step(backend: str) -> _CpuSteps:
-    """"native" takes the native CPU library; every other backend the reference alone."""
-    return _NATIVE if backend == "native" else _REFERENCE
+    """The functions of a step off the Triton kernels: "auto" and "native" the library's, "torch" and
+    "triton" the reference's (the Triton backend's off-kernel paths, expert stacks and sharded refreshes,
+    draw the reference's Ω, as its kernel does)."""
+    return _NATIVE if backend in ("auto", "native") else _REFERENCE
+
+
+def gaussian_source(backend: str) -> rng.GaussianSource:
+    """Where ``backend`` draws the sketch's Ω on CPU paths that draw rows of it (sharded refreshes)."""
+    return _cpu_step(backend).source
 
 
 def _runs_kernels(param: torch.Tensor, side: str, backend: str, *, stacked: bool) -> bool:

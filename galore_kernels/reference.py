@@ -35,6 +35,7 @@ __all__ = [
     "adamw",
     "project",
     "refresh_projector_",
+    "aligned_projector",
     "needs_refresh",
     "galore_adamw_step_from_projection",
     "galore_adamw_step",
@@ -125,7 +126,9 @@ def refresh_projector_(
     :func:`needs_refresh` says so.
 
     The sketch's seed is (parameter seed, step), so every backend and rerun draws the same Ω; a backend
-    passes its own ``sketch`` to compute G'·Ω (the reference materializes Ω).
+    passes its own ``sketch`` to compute G'·Ω (the reference materializes Ω). Expert stacks share one Ω,
+    so only a sketch that takes a stack may be passed for them (the Triton kernel's is 2-D: stacks take
+    the reference path).
 
     A matrix whose gradient is too small to define a subspace (all zeros, or entries in fp32's subnormal
     range on average, where products flush to zero) would fix arbitrary coordinate axes for T − 1 steps:
@@ -153,13 +156,24 @@ def refresh_projector_(
         state["projector"].copy_(left)
         state["projector_right"].copy_(right)
     elif g.dim() == 2:
-        state["projector"].copy_(proj.compute_projector(g, config.rank, side, sketch=sketch, **kwargs))
+        fresh = proj.compute_projector(g, config.rank, side, sketch=sketch, **kwargs)
+        state["projector"].copy_(aligned_projector(fresh, state["projector"], config))
     elif len(chosen) == matrices.shape[0]:  # the whole stack, without copying it
-        state["projector"].copy_(proj.compute_projector(g, config.rank, side, **kwargs))
+        fresh = proj.compute_projector(g, config.rank, side, sketch=sketch, **kwargs)
+        state["projector"].copy_(aligned_projector(fresh, state["projector"], config))
     else:
         index = torch.tensor(chosen, device=g.device)
-        fresh = proj.compute_projector(g.index_select(0, index), config.rank, side, **kwargs)
+        fresh = proj.compute_projector(g.index_select(0, index), config.rank, side, sketch=sketch, **kwargs)
+        fresh = aligned_projector(fresh, state["projector"].index_select(0, index), config)
         state["projector"].index_copy_(0, index, fresh.to(state["projector"].dtype))
+
+
+def aligned_projector(fresh: torch.Tensor, previous: torch.Tensor, config: GaLoreConfig) -> torch.Tensor:
+    """A refresh's new projector matched to the one it replaces (``config.projector_alignment``); the exact
+    SVD's is returned as it is, keeping galore-torch's signs."""
+    if config.svd != "randomized":
+        return fresh
+    return proj.align_projector(fresh, previous, config.projector_alignment)
 
 
 def _has_direction(g: torch.Tensor) -> torch.Tensor:

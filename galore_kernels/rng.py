@@ -8,9 +8,11 @@ on (seed, offset): the same on every device, rank and rerun.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-__all__ = ["randn", "sketch_seed"]
+__all__ = ["GaussianSource", "randn", "randn_range", "sketch_seed"]
 
 _MASK32 = 0xFFFFFFFF
 _ROUND_A = 0xD2511F53
@@ -66,6 +68,20 @@ def randn(seed: int, offsets: torch.Tensor) -> torch.Tensor:
     u2 = _to_uniform(words1)
     radius = torch.sqrt(-2.0 * torch.log(u1))
     return radius * torch.cos(torch.tensor(6.283185307179586, dtype=torch.float32) * u2)
+
+
+# (seed, first offset, count, device) → the fp32 numbers randn(seed, first … first + count − 1).
+GaussianSource = Callable[[int, int, int, torch.device], torch.Tensor]
+
+
+def randn_range(seed: int, first: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """:func:`randn` of the consecutive offsets ``first`` … ``first + count − 1``: the reference's
+    :data:`GaussianSource` (the native CPU library has its own, galore_kernels.native.randn_range).
+
+    >>> bool(torch.equal(randn_range(7, 2, 3), randn(7, torch.arange(2, 5))))
+    True
+    """
+    return randn(seed, torch.arange(first, first + count, device=device, dtype=torch.int64))
 
 
 def sketch_seed(param_seed: int, step: int) -> int:

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from galore_kernels.projector import (
+    align_projector,
     compute_full_projectors,
     compute_projector,
     effective_rank,
@@ -116,12 +117,15 @@ def test_randomized_matches_exact_subspace_on_low_rank_input(side, shape, rank):
 
 
 @pytest.mark.parametrize("method", ["randomized", "exact"])
-@pytest.mark.parametrize("kind", ["zero", "rank_one", "constant"])
+@pytest.mark.parametrize("kind", ["zero", "rank_one", "constant", "huge", "tiny"])
 def test_degenerate_gradients_give_orthonormal_projectors(method, kind):
+    # huge and tiny: the fp64 Gram of the randomized refresh's final step squares 1e±30 without overflow.
     g = {
         "zero": torch.zeros(30, 50),
         "rank_one": torch.outer(torch.randn(30), torch.randn(50)),
         "constant": torch.full((30, 50), 3.0),
+        "huge": torch.randn(30, 50) * 1e30,
+        "tiny": torch.randn(30, 50) * 1e-30,
     }[kind]
     for side in ("left", "right"):
         b = compute_projector(g, 8, side, method=method)
@@ -165,3 +169,33 @@ def test_compute_projector_rejects_bad_arguments(kwargs, message):
         compute_projector(torch.randn(20, 30), rank, "left", **args)
     with pytest.raises(ValueError, match=message):
         compute_full_projectors(torch.randn(20, 30), rank, **args)
+
+
+def _basis(rows: int = 6, d: int = 40, seed: int = 0) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(d, rows, generator=torch.Generator().manual_seed(seed))).Q.T
+
+
+@pytest.mark.parametrize("mode", ["procrustes", "signs"])
+def test_alignment_undoes_sign_flips(mode):
+    previous = _basis()
+    flipped = previous * torch.tensor([1.0, -1.0, 1.0, -1.0, -1.0, 1.0]).unsqueeze(1)
+    assert torch.allclose(align_projector(flipped, previous, mode), previous, atol=1e-6)
+
+
+def test_procrustes_undoes_permutations_and_rotations_inside_the_subspace():
+    previous = _basis()
+    rotation = torch.linalg.qr(torch.randn(6, 6, generator=torch.Generator().manual_seed(1))).Q
+    for moved in (previous.flip(0), rotation @ previous):
+        aligned = align_projector(moved, previous, "procrustes")
+        assert torch.allclose(aligned, previous, atol=1e-5)
+        assert _orthonormality_error(aligned) <= ORTHONORMALITY
+
+
+def test_alignment_keeps_a_new_subspace_and_leaves_never_refreshed_matrices_alone():
+    previous, new = _basis(seed=0), _basis(seed=2)
+    aligned = align_projector(new, previous, "procrustes")
+    # Same span as the new basis: projecting onto it changes nothing.
+    assert torch.allclose(aligned.T @ (aligned @ new.T), new.T, atol=1e-5)
+    stack = align_projector(torch.stack([new, new]), torch.stack([previous, torch.zeros_like(previous)]), "procrustes")
+    assert torch.allclose(stack[0], aligned, atol=1e-6) and torch.equal(stack[1], new)
+    assert torch.equal(align_projector(new, previous, "none"), new)

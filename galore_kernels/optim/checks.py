@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..config import GROUP_DEFAULTS
-from ..projector import PROJ_TYPES, SVD_METHODS
+from ..projector import ALIGNMENTS, PROJ_TYPES, SVD_METHODS
 
 __all__ = ["NONFINITE_MODES", "REFRESH_SCHEDULES", "check_hyper", "check_group", "check_layerwise"]
 
@@ -74,6 +74,8 @@ def check_group(group: dict[str, Any]) -> None:
     if group["sharded_refresh"] == "sketch" and group["svd"] != "randomized":
         raise ValueError("sharded_refresh='sketch' is the randomized SVD; it needs svd='randomized' "
                          f"(got svd={group['svd']!r}): use sharded_refresh='auto' or 'gather'")
+    if group["projector_alignment"] not in ALIGNMENTS:
+        raise ValueError(f"projector_alignment must be one of {ALIGNMENTS}, got {group['projector_alignment']!r}")
     if not isinstance(group["experts"], bool):
         raise ValueError(f"experts must be True or False, got {group['experts']!r}")
     if group["experts"] and group["proj_type"] == "full":

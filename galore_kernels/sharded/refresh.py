@@ -25,6 +25,7 @@ process, exact SVD included, at the cost of the full gradient crossing once and 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -33,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from .. import projector as proj
-from .. import rng
+from .. import reference, rng
 from ..config import GaLoreConfig
 from ..rng import sketch_seed
 from ..state import compute_dtype
@@ -169,18 +170,19 @@ def sketched_projector(
     *,
     seed: int,
     reduce: Reduce | None = None,
+    source: rng.GaussianSource = rng.randn_range,
 ) -> torch.Tensor:
     """B (r × d, fp32) from this process's slice of G (kept dimension sliced), by the sketch of the module
-    docstring: the single-process randomized projector up to fp32 rounding of the split sums.
-    ``reduce`` replaces the all-reduce (tests record what crosses)."""
+    docstring: the single-process randomized projector up to fp32 rounding of the split sums, its rows
+    of Ω drawn by ``source`` as one process draws them. ``reduce`` replaces the all-reduce (tests record
+    what crosses)."""
     reduce = reduce or _all_reduce(layout.group)
     g = proj.oriented(g_local, side).float()  # d × k_local
     m, n = layout.matrix_shape
     d, k = (m, n) if side == "left" else (n, m)
     r = proj.effective_rank(config.rank, (m, n))
     w = _sketch_width(r, config.svd_oversample, d, k)
-    offsets = torch.arange(layout.offset * w, (layout.offset + layout.length) * w, device=g.device)
-    y = g @ rng.randn(seed, offsets).reshape(layout.length, w)
+    y = g @ source(seed, layout.offset * w, layout.length * w, g.device).reshape(layout.length, w)
     reduce(y)
     q = _householder(y)
     previous = None
@@ -200,11 +202,22 @@ def sketched_projector(
     return proj.canonical_signs(q @ top).mT.contiguous()
 
 
+def _sketch(source: rng.GaussianSource) -> proj.Sketch:
+    return functools.partial(proj.gaussian_sketch, source=source)
+
+
 def gathered_projector(
-    g_local: torch.Tensor, layout: ShardLayout, side: str, config: GaLoreConfig, *, seed: int, owner: int
+    g_local: torch.Tensor,
+    layout: ShardLayout,
+    side: str,
+    config: GaLoreConfig,
+    *,
+    seed: int,
+    owner: int,
+    source: rng.GaussianSource = rng.randn_range,
 ) -> torch.Tensor:
     """B from the whole G, computed by process ``owner`` (of the layout's group) exactly as one process
-    would, then broadcast: the owner alone holds G, once, for this call."""
+    would (Ω from ``source``), then broadcast: the owner alone holds G, once, for this call."""
     m, n = layout.matrix_shape
     rows = g_local if layout.matrix_dim == 0 else g_local.mT  # slices along dimension 0 of this view
     padded = rows.new_zeros((layout.chunk, rows.shape[1]))
@@ -220,7 +233,7 @@ def gathered_projector(
         g = (whole if layout.matrix_dim == 0 else whole.mT).reshape(m, n)
         b = proj.compute_projector(
             g, config.rank, side, method=config.svd, seed=seed, oversample=config.svd_oversample,
-            power_iters=config.svd_power_iters,
+            power_iters=config.svd_power_iters, sketch=_sketch(source),
         )
     dist.broadcast(b, src=owner_global, group=layout.group)
     return b
@@ -235,9 +248,10 @@ def refresh_sharded_projector_(
     *,
     method: str | None = None,
     reduce: Reduce | None = None,
+    source: rng.GaussianSource = rng.randn_range,
 ) -> str:
     """:func:`galore_kernels.reference.refresh_projector_` for a sharded gradient (local ``state`` from
-    :func:`galore_kernels.sharded.state.local_view`); returns the method used. Whether G can define a
+    :func:`galore_kernels.sharded.state.local_view`), Ω drawn by ``source``; returns the method used. Whether G can define a
     subspace is decided on its global norm, so every process keeps or replaces B alike."""
     method = method or choose_refresh(layout, side, config)
     if method not in REFRESH_METHODS:
@@ -254,11 +268,13 @@ def refresh_sharded_projector_(
     if method == "local":
         b = proj.compute_projector(
             g_local.reshape(m, n), config.rank, side, method=config.svd, seed=seed,
-            oversample=config.svd_oversample, power_iters=config.svd_power_iters,
+            oversample=config.svd_oversample, power_iters=config.svd_power_iters, sketch=_sketch(source),
         )
     elif method == "sketch":
-        b = sketched_projector(g_local, layout, side, config, seed=seed, reduce=reduce)
+        b = sketched_projector(g_local, layout, side, config, seed=seed, reduce=reduce, source=source)
     else:
-        b = gathered_projector(g_local, layout, side, config, seed=seed, owner=state["seed"] % layout.world_size)
-    state["projector"].copy_(b)
+        owner = state["seed"] % layout.world_size
+        b = gathered_projector(g_local, layout, side, config, seed=seed, owner=owner, source=source)
+    # Every process holds the whole B, so each aligns it alike, as one process does.
+    state["projector"].copy_(reference.aligned_projector(b, state["projector"], config))
     return method

@@ -88,7 +88,9 @@ def sharded_galore_step(
     g = grad.to_local().reshape(matrix_shape(weight))
     with local_view(state, layout, projected=True) as local:
         if reference.needs_refresh(local, config.update_proj_gap):
-            refresh_sharded_projector_(local, g, layout, side, config, reduce=reduce)
+            refresh_sharded_projector_(
+                local, g, layout, side, config, reduce=reduce, source=functional.gaussian_source(backend)
+            )
         sliced = moments_are_sliced(layout, side)
         if sliced or layout.matrix_dim is None:
             s = reference.project(local, g, side)
