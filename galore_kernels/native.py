@@ -3,10 +3,10 @@
 It holds the 8-bit Adam step in one pass over memory. Codes and absmax equal the reference's
 (:func:`galore_kernels.reference.adam_direction` and :func:`galore_kernels.reference.adamw`) byte for
 byte; the direction N and the weights are within 1 ulp of N: the library's square root is IEEE-exact,
-torch 2.13's CPU ``sqrt`` is not (1 ulp off on 20% of fp32 inputs, measured). ``backend="native"`` uses
-it for 8-bit state of CPU tensors; it is not yet what "auto" picks (docs/DESIGN.md §6 says why). Where no
-compiler was there at install the library is missing and ``backend="native"`` says so;
-``GALORE_KERNELS_NATIVE=0`` turns it off.
+torch 2.13's CPU ``sqrt`` is not (1 ulp off on 20% of fp32 inputs, measured). It also draws the sketch's
+Gaussians. ``backend="auto"`` and ``"native"`` use it for CPU tensors (docs/DESIGN.md §6). Where no
+compiler was there at install the library is missing: "auto" runs the reference and ``"native"`` says
+why; ``GALORE_KERNELS_NATIVE=0`` turns it off.
 
 >>> isinstance(native_available(), bool)
 True

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,3 +167,16 @@ def test_randomized_refreshes_through_the_library_follow_the_reference():
     theirs, _ = _run("torch", torch.float32, range(8), svd="randomized")
     for p, q in zip(ours, theirs):
         assert rel_err(p, q) <= NATIVE_RANDOMIZED_WEIGHTS
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TURNED_OFF or not native_available(), reason="this run is already the reference alone")
+def test_the_optimizer_tests_pass_with_the_library_off():
+    # CI runs one pytest command, with the library loaded; this is its run of the optimizer tests without.
+    root = Path(__file__).resolve().parent.parent
+    modules = ["tests/test_optim.py", "tests/test_layerwise.py", "tests/test_experts.py", "tests/test_native.py"]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "not slow", *modules],
+        env={**os.environ, "GALORE_KERNELS_NATIVE": "0"}, cwd=root, capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-4000:]

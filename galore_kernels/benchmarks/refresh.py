@@ -1,8 +1,9 @@
 """Projector refresh: exact SVD vs randomized, time and captured top-r energy. One table.
 
 ``galore-kernels bench --only refresh [--repeats N]``. Gradients with σ_i ∝ i^-0.5 (a slowly decaying,
-hard spectrum); randomized with the defaults p = 8, q = 2. Times are medians of ``repeats`` calls after
-one warm-up; the energy is ‖B·G'‖² of the randomized projector over that of the exact one.
+hard spectrum); randomized with the defaults p = 8, q = 2, Ω drawn as ``backend="auto"`` draws it (the
+native library on the CPU where it is built). Times are medians of ``repeats`` calls after one warm-up;
+the energy is ‖B·G'‖² of the randomized projector over that of the exact one.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import NamedTuple, TextIO
 
 import torch
 
+from .. import native
 from ..projector import compute_projector, oriented, resolve_side
 from .harness import REFRESH_SHAPES, SMOKE_SHAPES, Case, ShapeSweep, power_law_gradient, seconds_per_call, stream_table
 
@@ -40,7 +42,7 @@ class Row(NamedTuple):
 
 def _refresh(gradient: torch.Tensor, rank: int, method: str) -> Callable[[], torch.Tensor]:
     side = resolve_side("std", tuple(gradient.shape))
-    return partial(compute_projector, gradient, rank, side, method=method, seed=1)
+    return partial(compute_projector, gradient, rank, side, method=method, seed=1, sketch=native.gaussian_sketch)
 
 
 def cases(m: int, n: int, rank: int) -> list[Case]:
