@@ -1,6 +1,6 @@
 """The native CPU library against what it replaces, side by side in one run: its 8-bit step against
 torch's fp32 AdamW, bitsandbytes' CPU AdamW8bit and the reference 8-bit step (median of ``--repeats``
-steps after one warm-up step), and the randomized refresh with its Ω against the reference's Ω and
+steps after one warm-up step, the optimizers stepping in turn), and the randomized refresh with its Ω against the reference's Ω and
 ``torch.linalg.svd`` (σ_i ∝ i^-0.5, energy = captured / exact top-r energy; ``--big`` adds 4096×11008,
 r = 512, whose exact SVD takes about 35 s here).
 
@@ -20,17 +20,25 @@ from galore_kernels import projector as proj
 from galore_kernels.benchmarks.harness import power_law_gradient
 
 
-def _median_ms(make_optimizer, shape: tuple[int, int], repeats: int) -> float:
+def _interleaved_ms(makers: dict, shape: tuple[int, int], repeats: int) -> dict[str, float]:
+    """Median step time of each optimizer, each on its own parameter, stepping in turn (order reversed
+    every round) so that slow phases of the machine hit every row alike."""
     torch.manual_seed(0)
-    param = torch.nn.Parameter(torch.randn(*shape) * 0.02)
-    optimizer = make_optimizer([param])
-    times = []
-    for _ in range(1 + repeats):
-        param.grad = torch.randn(*shape)
-        start = time.perf_counter()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times[1:])
+    grads = [torch.randn(*shape) for _ in range(2)]
+    runs = {}
+    for name, make in makers.items():
+        param = torch.nn.Parameter(torch.randn(*shape) * 0.02)
+        runs[name] = (param, make([param]))
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for round_ in range(1 + repeats):  # round 0 warms up (state allocation, refresh)
+        order = list(runs.items()) if round_ % 2 == 0 else list(reversed(runs.items()))
+        for name, (param, optimizer) in order:
+            param.grad = grads[round_ % 2]
+            start = time.perf_counter()
+            optimizer.step()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -52,19 +60,18 @@ def main() -> None:
         rows["bitsandbytes AdamW8bit (CPU)"] = lambda p: bnb.optim.AdamW8bit(p, lr=1e-3)
     except ImportError:
         pass
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats} steps, ms")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats} interleaved steps, ms")
     print("| step, 4096×4096 fp32 | ms |\n|---|---|")
-    for name, make in rows.items():
-        print(f"| {name} | {_median_ms(make, square, args.repeats):.0f} |", flush=True)
+    for name, ms in _interleaved_ms(rows, square, args.repeats).items():
+        print(f"| {name} | {ms:.0f} |", flush=True)
     galore = {"rank": 256, "update_proj_gap": 10**6}
-    rect = (4096, 11008)
+    galore_rows = {
+        "GaLoreAdamW (fp32 moments)": lambda p: GaLoreAdamW([{"params": p, **galore}], lr=1e-3),
+        "GaLoreAdamW8bit, reference": lambda p: GaLoreAdamW8bit([{"params": p, **galore}], lr=1e-3, backend="torch"),
+        "GaLoreAdamW8bit, native": lambda p: GaLoreAdamW8bit([{"params": p, **galore}], lr=1e-3, backend="native"),
+    }
     print("| GaLore step, 4096×11008, r = 256, no refresh | ms |\n|---|---|")
-    for name, cls, backend in (
-        ("GaLoreAdamW (fp32 moments)", GaLoreAdamW, "torch"),
-        ("GaLoreAdamW8bit, reference", GaLoreAdamW8bit, "torch"),
-        ("GaLoreAdamW8bit, native", GaLoreAdamW8bit, "native"),
-    ):
-        ms = _median_ms(lambda p: cls([{"params": p, **galore}], lr=1e-3, backend=backend), rect, args.repeats)
+    for name, ms in _interleaved_ms(galore_rows, (4096, 11008), args.repeats).items():
         print(f"| {name} | {ms:.0f} |", flush=True)
     print("| refresh | exact SVD ms | randomized, reference Ω: ms, × exact, energy | randomized, native Ω: ms, × exact, energy |")
     print("|---|---|---|---|")

@@ -18,6 +18,7 @@ import ctypes
 import functools
 import importlib.machinery
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,17 @@ def _library_path() -> Path | None:
 
 @functools.lru_cache(maxsize=None)
 def _library() -> ctypes.CDLL | None:
+    """The loaded library, once per process; None when off or missing (missing warns, once, in one line)."""
     path = _library_path()
-    if os.environ.get(DISABLE_VARIABLE, "1") == "0" or path is None:
+    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
+        return None
+    if path is None:
+        warnings.warn(
+            f"galore_kernels: the native CPU library {unavailable_reason()}; CPU steps run the slower PyTorch "
+            f"reference ({DISABLE_VARIABLE}=0 silences this)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
     library = ctypes.CDLL(str(path))
     library.gk_adam8bit_step.restype = None

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -180,3 +181,22 @@ def test_the_optimizer_tests_pass_with_the_library_off():
         env={**os.environ, "GALORE_KERNELS_NATIVE": "0"}, cwd=root, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-4000:]
+
+
+def test_a_missing_library_warns_once_and_the_reference_runs(monkeypatch):
+    monkeypatch.setattr(native, "_library_path", lambda: None)
+    monkeypatch.delenv("GALORE_KERNELS_NATIVE", raising=False)
+    native._library.cache_clear()
+    try:
+        param = torch.nn.Parameter(torch.ones(64, 64))
+        optimizer = GaLoreAdamW8bit([param], lr=1e-2)  # "auto": the library where it loads
+        param.grad = torch.ones(64, 64)
+        with pytest.warns(RuntimeWarning, match="the native CPU library was not built at install") as caught:
+            optimizer.step()
+        assert len([w for w in caught if "native CPU library" in str(w.message)]) == 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            optimizer.step()  # once per process
+        assert optimizer.state[param]["step"] == 2
+    finally:
+        native._library.cache_clear()  # the next call, after monkeypatch restores the path, loads it again
