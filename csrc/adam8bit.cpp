@@ -58,36 +58,49 @@ inline int code_of(float x, const float* mid, const int32_t* table) {
     return code + (mid[code] < x ? 1 : 0);
 }
 
+// One element's steps in scalar code, shared by the portable block and the tail of the AVX2 one.
+inline void update_moments(const Step& st, int64_t at, float m_scale, float v_scale, float& m, float& v) {
+    const float s = st.grad[at];
+    m = std::fma(s, st.one_minus_beta1, st.signed_map[st.m_codes[at]] * m_scale * st.beta1);
+    v = std::fma(st.one_minus_beta2 * s, s, st.unsigned_map[st.v_codes[at]] * v_scale * st.beta2);
+}
+
+inline void apply_direction(const Step& st, int64_t at, float m, float v) {
+    float n = m / (std::sqrt(v) + st.eps);
+    if (st.scale != 1.0f) {
+        n *= st.scale;
+    }
+    if (st.weight != nullptr) {
+        const float w = st.weight[at];
+        st.weight[at] = std::fma(n, st.neg_step_size, st.decay != 1.0f ? w * st.decay : w);
+    } else {
+        st.direction[at] = n;
+    }
+}
+
+inline void store_codes(const Step& st, int64_t at, float m, float v, float m_inv, float v_inv) {
+    st.m_codes[at] = static_cast<uint8_t>(code_of(m * m_inv, st.signed_mid, st.signed_table));
+    st.v_codes[at] = static_cast<uint8_t>(code_of(v * v_inv, st.unsigned_mid, st.unsigned_table));
+}
+
+// An all-zero block scales by 1 (its values are zero either way), as quant.quantize_blockwise.
+inline float inverse_scale(float absmax) { return absmax > 0.0f ? 1.0f / absmax : 1.0f; }
+
 void block_scalar(const Step& st, int64_t offset, int64_t length, int64_t b, float* m, float* v) {
-    const float m_scale = st.m_absmax[b];
-    const float v_scale = st.v_absmax[b];
     float m_max = 0.0f;
     float v_max = 0.0f;
     for (int64_t i = 0; i < length; ++i) {
-        const float s = st.grad[offset + i];
-        m[i] = std::fma(s, st.one_minus_beta1, st.signed_map[st.m_codes[offset + i]] * m_scale * st.beta1);
-        v[i] = std::fma(st.one_minus_beta2 * s, s, st.unsigned_map[st.v_codes[offset + i]] * v_scale * st.beta2);
+        update_moments(st, offset + i, st.m_absmax[b], st.v_absmax[b], m[i], v[i]);
         m_max = std::fmax(m_max, std::fabs(m[i]));
         v_max = std::fmax(v_max, v[i]);
     }
     for (int64_t i = 0; i < length; ++i) {
-        float n = m[i] / (std::sqrt(v[i]) + st.eps);
-        if (st.scale != 1.0f) {
-            n *= st.scale;
-        }
-        if (st.weight != nullptr) {
-            const float w = st.weight[offset + i];
-            st.weight[offset + i] = std::fma(n, st.neg_step_size, st.decay != 1.0f ? w * st.decay : w);
-        } else {
-            st.direction[offset + i] = n;
-        }
+        apply_direction(st, offset + i, m[i], v[i]);
     }
-    // An all-zero block scales by 1 (its values are zero either way), as quant.quantize_blockwise.
-    const float m_inv = m_max > 0.0f ? 1.0f / m_max : 1.0f;
-    const float v_inv = v_max > 0.0f ? 1.0f / v_max : 1.0f;
+    const float m_inv = inverse_scale(m_max);
+    const float v_inv = inverse_scale(v_max);
     for (int64_t i = 0; i < length; ++i) {
-        st.m_codes[offset + i] = static_cast<uint8_t>(code_of(m[i] * m_inv, st.signed_mid, st.signed_table));
-        st.v_codes[offset + i] = static_cast<uint8_t>(code_of(v[i] * v_inv, st.unsigned_mid, st.unsigned_table));
+        store_codes(st, offset + i, m[i], v[i], m_inv, v_inv);
     }
     st.m_absmax[b] = m_max;
     st.v_absmax[b] = v_max;
@@ -149,9 +162,7 @@ __attribute__((target("avx2,fma"))) void block_avx2(const Step& st, int64_t offs
     float m_top = horizontal_max(m_max);
     float v_top = horizontal_max(v_max);
     for (; i < length; ++i) {  // the tail of a short last block
-        const float s = st.grad[offset + i];
-        m[i] = std::fma(s, st.one_minus_beta1, st.signed_map[st.m_codes[offset + i]] * st.m_absmax[b] * st.beta1);
-        v[i] = std::fma(st.one_minus_beta2 * s, s, st.unsigned_map[st.v_codes[offset + i]] * st.v_absmax[b] * st.beta2);
+        update_moments(st, offset + i, st.m_absmax[b], st.v_absmax[b], m[i], v[i]);
         m_top = std::fmax(m_top, std::fabs(m[i]));
         v_top = std::fmax(v_top, v[i]);
     }
@@ -174,20 +185,11 @@ __attribute__((target("avx2,fma"))) void block_avx2(const Step& st, int64_t offs
         }
     }
     for (; i < length; ++i) {
-        float n = m[i] / (std::sqrt(v[i]) + st.eps);
-        if (st.scale != 1.0f) {
-            n *= st.scale;
-        }
-        if (st.weight != nullptr) {
-            const float w = st.weight[offset + i];
-            st.weight[offset + i] = std::fma(n, st.neg_step_size, st.decay != 1.0f ? w * st.decay : w);
-        } else {
-            st.direction[offset + i] = n;
-        }
+        apply_direction(st, offset + i, m[i], v[i]);
     }
 
-    const float m_inv = m_top > 0.0f ? 1.0f / m_top : 1.0f;
-    const float v_inv = v_top > 0.0f ? 1.0f / v_top : 1.0f;
+    const float m_inv = inverse_scale(m_top);
+    const float v_inv = inverse_scale(v_top);
     const __m256 m_inv8 = _mm256_set1_ps(m_inv), v_inv8 = _mm256_set1_ps(v_inv);
     for (i = 0; i < vector_length; i += 8) {
         store_bytes(st.m_codes + offset + i, codes_of(_mm256_mul_ps(_mm256_loadu_ps(m + i), m_inv8), st.signed_mid,
@@ -196,8 +198,7 @@ __attribute__((target("avx2,fma"))) void block_avx2(const Step& st, int64_t offs
                                                       st.unsigned_mid, st.unsigned_table));
     }
     for (; i < length; ++i) {
-        st.m_codes[offset + i] = static_cast<uint8_t>(code_of(m[i] * m_inv, st.signed_mid, st.signed_table));
-        st.v_codes[offset + i] = static_cast<uint8_t>(code_of(v[i] * v_inv, st.unsigned_mid, st.unsigned_table));
+        store_codes(st, offset + i, m[i], v[i], m_inv, v_inv);
     }
     st.m_absmax[b] = m_top;
     st.v_absmax[b] = v_top;
@@ -207,6 +208,8 @@ bool has_avx2_fma() {
     static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
     return has;
 }
+
+bool allow_avx2 = true;  // gk_allow_avx2(0) makes the tests run the portable block on an AVX2 machine
 
 #endif
 
@@ -219,9 +222,18 @@ int gk_abi_version() { return 2; }
 // Whether the AVX2 version of the block runs on this CPU (1) or the scalar one (0).
 int gk_uses_avx2() {
 #if defined(__x86_64__)
-    return has_avx2_fma() ? 1 : 0;
+    return has_avx2_fma() && allow_avx2 ? 1 : 0;
 #else
     return 0;
+#endif
+}
+
+// Let the AVX2 block run where the CPU has it (1, the default) or always run the portable one (0).
+void gk_allow_avx2(int allow) {
+#if defined(__x86_64__)
+    allow_avx2 = allow != 0;
+#else
+    (void)allow;
 #endif
 }
 
@@ -261,7 +273,7 @@ void gk_adam8bit_step(const float* grad, uint8_t* m_codes, float* m_absmax, uint
     const int64_t blocks_per_row = (k + block - 1) / block;
     const int64_t blocks = rows * blocks_per_row;
 #if defined(__x86_64__)
-    const bool avx2 = has_avx2_fma();
+    const bool avx2 = has_avx2_fma() && allow_avx2;
 #endif
 #pragma omp parallel
     {

@@ -25,10 +25,11 @@ from typing import Any
 import torch
 
 from . import projector, reference, rng
+from .callers import user_stacklevel
 from .config import AdamHyper
 from .quant import BLOCK_SIZE, code_midpoints, dynamic_map
 
-__all__ = ["native_available", "unavailable_reason", "adam8bit_step_", "adam_direction", "adamw", "randn_range", "gaussian_sketch"]
+__all__ = ["native_available", "unavailable_reason", "uses_avx2", "allow_avx2", "adam8bit_step_", "adam_direction", "adamw", "randn_range", "gaussian_sketch"]
 
 DISABLE_VARIABLE = "GALORE_KERNELS_NATIVE"
 _F = ctypes.c_float
@@ -53,7 +54,7 @@ def _library() -> ctypes.CDLL | None:
             f"galore_kernels: the native CPU library {unavailable_reason()}; CPU steps run the slower PyTorch "
             f"reference ({DISABLE_VARIABLE}=0 silences this)",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=user_stacklevel(),
         )
         return None
     library = ctypes.CDLL(str(path))
@@ -61,6 +62,9 @@ def _library() -> ctypes.CDLL | None:
     library.gk_adam8bit_step.argtypes = [_P] * 11 + [_I] * 3 + [_F] * 6 + [_P, _P, _F, _F]
     library.gk_code_table.restype = None
     library.gk_code_table.argtypes = [_P, _P]
+    library.gk_allow_avx2.restype = None
+    library.gk_allow_avx2.argtypes = [ctypes.c_int]
+    library.gk_uses_avx2.restype = ctypes.c_int
     library.gk_gaussian.restype = None
     library.gk_gaussian.argtypes = [ctypes.c_uint64, _I, _I, _P]
     return library
@@ -79,6 +83,17 @@ def native_available() -> bool:
     """Whether the native CPU library is loaded (built at install, and not turned off by
     ``GALORE_KERNELS_NATIVE=0``)."""
     return _library() is not None
+
+
+def uses_avx2() -> bool:
+    """Whether the library's 8-bit step runs its AVX2+FMA block (picked at run time) or the portable one."""
+    return native_available() and bool(_library().gk_uses_avx2())
+
+
+def allow_avx2(allow: bool) -> None:
+    """Let the AVX2 block run where the CPU has it (the default), or force the portable block (tests)."""
+    if native_available():
+        _library().gk_allow_avx2(int(allow))
 
 
 @functools.lru_cache(maxsize=None)

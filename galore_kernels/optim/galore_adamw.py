@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from collections.abc import Callable, Iterable
 from itertools import chain
@@ -12,6 +11,7 @@ from typing import Any
 import torch
 
 from .. import functional, reference
+from ..callers import user_stacklevel
 from ..config import AdamHyper, GaLoreConfig
 from ..projector import resolve_side
 from ..sharded import (
@@ -354,7 +354,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             )
         else:
             return
-        warnings.warn(message, RuntimeWarning, stacklevel=_caller_stacklevel())
+        warnings.warn(message, RuntimeWarning, stacklevel=user_stacklevel())
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -398,7 +398,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 "layer-wise from the next backward pass (call optimizer.sync_layerwise_hooks() right after the "
                 "replacement to have the first pass layer-wise too)",
                 UserWarning,
-                stacklevel=_caller_stacklevel(),
+                stacklevel=user_stacklevel(),
             )
         loss = None
         if closure is not None:
@@ -631,19 +631,6 @@ def _check_sharded(group: dict[str, Any]) -> None:
                 check_projectable(param, GaLoreConfig.from_group(group))
             else:
                 ShardLayout.of(param)
-
-
-def _caller_stacklevel() -> int:
-    """The stacklevel that points a warning at the first frame outside this package and torch: the user's
-    line that called step() or backward()."""
-    package = __name__.split(".")[0]
-    level, frame = 1, sys._getframe(1)
-    while frame is not None:
-        module = frame.f_globals.get("__name__", "")
-        if module.split(".")[0] not in (package, "torch"):
-            return level
-        level, frame = level + 1, frame.f_back
-    return 1
 
 
 def _check_grad(param: torch.Tensor) -> None:
