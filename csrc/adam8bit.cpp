@@ -13,6 +13,7 @@
 // A plain C ABI, loaded with ctypes: no Python or torch headers, so `pip install` builds it without
 // pulling torch into an isolated build environment.
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -78,13 +79,23 @@ inline void apply_direction(const Step& st, int64_t at, float m, float v) {
     }
 }
 
-inline void store_codes(const Step& st, int64_t at, float m, float v, float m_inv, float v_inv) {
-    st.m_codes[at] = static_cast<uint8_t>(code_of(m * m_inv, st.signed_mid, st.signed_table));
-    st.v_codes[at] = static_cast<uint8_t>(code_of(v * v_inv, st.unsigned_mid, st.unsigned_table));
-}
+// How a block's values are scaled into [-1, 1] before the lookup, as quant.quantize_blockwise does: by
+// the reciprocal of absmax (bitsandbytes' rounding), by 1 for an all-zero block, and for a block below
+// 2^-100 (whose reciprocal could overflow: an 8-bit moment decaying for ~740 steps gets there) after an
+// exact scaling of values and absmax by 2^64.
+struct Scale {
+    float pre, inverse;
+    explicit Scale(float absmax)
+        : pre(absmax < 0x1p-100f ? 0x1p64f : 1.0f),
+          inverse(absmax > 0.0f ? 1.0f / (absmax * pre) : 1.0f) {}
+    bool prescaled() const { return pre != 1.0f; }
+    float operator()(float x) const { return (x * pre) * inverse; }
+};
 
-// An all-zero block scales by 1 (its values are zero either way), as quant.quantize_blockwise.
-inline float inverse_scale(float absmax) { return absmax > 0.0f ? 1.0f / absmax : 1.0f; }
+inline void store_codes(const Step& st, int64_t at, float m, float v, const Scale& m_scale, const Scale& v_scale) {
+    st.m_codes[at] = static_cast<uint8_t>(code_of(m_scale(m), st.signed_mid, st.signed_table));
+    st.v_codes[at] = static_cast<uint8_t>(code_of(v_scale(v), st.unsigned_mid, st.unsigned_table));
+}
 
 void block_scalar(const Step& st, int64_t offset, int64_t length, int64_t b, float* m, float* v) {
     float m_max = 0.0f;
@@ -97,10 +108,9 @@ void block_scalar(const Step& st, int64_t offset, int64_t length, int64_t b, flo
     for (int64_t i = 0; i < length; ++i) {
         apply_direction(st, offset + i, m[i], v[i]);
     }
-    const float m_inv = inverse_scale(m_max);
-    const float v_inv = inverse_scale(v_max);
+    const Scale m_scale(m_max), v_scale(v_max);
     for (int64_t i = 0; i < length; ++i) {
-        store_codes(st, offset + i, m[i], v[i], m_inv, v_inv);
+        store_codes(st, offset + i, m[i], v[i], m_scale, v_scale);
     }
     st.m_absmax[b] = m_max;
     st.v_absmax[b] = v_max;
@@ -188,17 +198,23 @@ __attribute__((target("avx2,fma"))) void block_avx2(const Step& st, int64_t offs
         apply_direction(st, offset + i, m[i], v[i]);
     }
 
-    const float m_inv = inverse_scale(m_top);
-    const float v_inv = inverse_scale(v_top);
-    const __m256 m_inv8 = _mm256_set1_ps(m_inv), v_inv8 = _mm256_set1_ps(v_inv);
-    for (i = 0; i < vector_length; i += 8) {
+    const Scale m_scale_top(m_top), v_scale_top(v_top);
+    i = 0;
+    if (m_scale_top.prescaled() || v_scale_top.prescaled()) {
+        i = length;  // a block of tiny moments: the scalar loop scales it
+        for (int64_t j = 0; j < length; ++j) {
+            store_codes(st, offset + j, m[j], v[j], m_scale_top, v_scale_top);
+        }
+    }
+    const __m256 m_inv8 = _mm256_set1_ps(m_scale_top.inverse), v_inv8 = _mm256_set1_ps(v_scale_top.inverse);
+    for (; i < vector_length; i += 8) {
         store_bytes(st.m_codes + offset + i, codes_of(_mm256_mul_ps(_mm256_loadu_ps(m + i), m_inv8), st.signed_mid,
                                                       st.signed_table));
         store_bytes(st.v_codes + offset + i, codes_of(_mm256_mul_ps(_mm256_loadu_ps(v + i), v_inv8),
                                                       st.unsigned_mid, st.unsigned_table));
     }
     for (; i < length; ++i) {
-        store_codes(st, offset + i, m[i], v[i], m_inv, v_inv);
+        store_codes(st, offset + i, m[i], v[i], m_scale_top, v_scale_top);
     }
     st.m_absmax[b] = m_top;
     st.v_absmax[b] = v_top;
@@ -209,7 +225,7 @@ bool has_avx2_fma() {
     return has;
 }
 
-bool allow_avx2 = true;  // gk_allow_avx2(0) makes the tests run the portable block on an AVX2 machine
+std::atomic<bool> allow_avx2{true};  // gk_allow_avx2(0) makes the tests run the portable block
 
 #endif
 
@@ -217,7 +233,7 @@ bool allow_avx2 = true;  // gk_allow_avx2(0) makes the tests run the portable bl
 
 extern "C" {
 
-int gk_abi_version() { return 2; }
+int gk_abi_version() { return 3; }
 
 // Whether the AVX2 version of the block runs on this CPU (1) or the scalar one (0).
 int gk_uses_avx2() {
@@ -254,13 +270,14 @@ void gk_code_table(const float* mid, int32_t* table) {
     }
 }
 
-// One Adam step of 8-bit moments stored as (rows, k) codes with (rows, ceil(k / block)) absmax.
+// One Adam step of 8-bit moments stored as (rows, k) codes with (rows, ceil(k / block)) absmax; returns
+// 0, or 1 (doing nothing) for a block length outside 1 … kMaxBlock or negative sizes.
 //   grad        (rows, k) fp32: the gradient, or the projected gradient S of a GaLore weight
 //   *_mid       256 floats: the map's 255 midpoints, then +inf; *_table: gk_code_table of them
 //   direction   (rows, k) fp32 or null: receives N = scale * m / (sqrt(v) + eps)
 //   weight      (rows, k) fp32 or null: W <- fma(N, neg_step_size, W * decay) instead (plain AdamW)
 // beta1, one_minus_beta1, ... are the fp32 values torch uses for the Python floats of AdamHyper.
-void gk_adam8bit_step(const float* grad, uint8_t* m_codes, float* m_absmax, uint8_t* v_codes, float* v_absmax,
+int gk_adam8bit_step(const float* grad, uint8_t* m_codes, float* m_absmax, uint8_t* v_codes, float* v_absmax,
                       const float* signed_map, const float* signed_mid, const int32_t* signed_table,
                       const float* unsigned_map, const float* unsigned_mid, const int32_t* unsigned_table,
                       int64_t rows, int64_t k, int64_t block, float beta1, float one_minus_beta1, float beta2,
@@ -270,6 +287,9 @@ void gk_adam8bit_step(const float* grad, uint8_t* m_codes, float* m_absmax, uint
                   signed_mid,   signed_table,   unsigned_map, unsigned_mid, unsigned_table, beta1,
                   one_minus_beta1, beta2,       one_minus_beta2, eps,      scale,    direction,
                   weight,       decay,          neg_step_size};
+    if (block < 1 || block > kMaxBlock || rows < 0 || k < 0) {
+        return 1;
+    }
     const int64_t blocks_per_row = (k + block - 1) / block;
     const int64_t blocks = rows * blocks_per_row;
 #if defined(__x86_64__)
@@ -294,6 +314,7 @@ void gk_adam8bit_step(const float* grad, uint8_t* m_codes, float* m_absmax, uint
             block_scalar(st, offset, length, b, m, v);
         }
     }
+    return 0;
 }
 
 }  // extern "C"

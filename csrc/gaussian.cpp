@@ -20,7 +20,7 @@ constexpr float kTwoPi = 6.283185307179586f;
 
 inline float to_uniform(uint32_t word) {
     const int32_t signed_word = static_cast<int32_t>(word);
-    const int32_t folded = signed_word < 0 ? -signed_word - 1 : signed_word;  // ~x for negative int32
+    const int32_t folded = signed_word < 0 ? ~signed_word : signed_word;  // -x - 1, without overflow at INT32_MIN
     return static_cast<float>(folded) * kUniformScale;
 }
 

@@ -43,40 +43,58 @@ def _library_path() -> Path | None:
     return next((path for path in candidates if path.is_file()), None)
 
 
+ABI_VERSION = 3  # gk_abi_version() of the csrc/ this module was written for
+
+
 @functools.lru_cache(maxsize=None)
-def _library() -> ctypes.CDLL | None:
-    """The loaded library, once per process; None when off or missing (missing warns, once, in one line)."""
-    path = _library_path()
+def _loaded() -> tuple[ctypes.CDLL | None, str]:
+    """(the library, "") once per process, or (None, why not as a clause)."""
     if os.environ.get(DISABLE_VARIABLE, "1") == "0":
-        return None
+        return None, f"is turned off by {DISABLE_VARIABLE}=0"
+    path = _library_path()
     if path is None:
+        return None, "was not built at install (reinstall with a C++ compiler with OpenMP, such as g++)"
+    try:
+        library = ctypes.CDLL(str(path))
+        version = library.gk_abi_version()
+        if version != ABI_VERSION:
+            return None, f"at {path} is from another version (ABI {version}, expected {ABI_VERSION}): reinstall"
+        library.gk_adam8bit_step.restype = ctypes.c_int
+        library.gk_adam8bit_step.argtypes = [_P] * 11 + [_I] * 3 + [_F] * 6 + [_P, _P, _F, _F]
+        library.gk_code_table.restype = None
+        library.gk_code_table.argtypes = [_P, _P]
+        library.gk_allow_avx2.restype = None
+        library.gk_allow_avx2.argtypes = [ctypes.c_int]
+        library.gk_uses_avx2.restype = ctypes.c_int
+        library.gk_gaussian.restype = None
+        library.gk_gaussian.argtypes = [ctypes.c_uint64, _I, _I, _P]
+    except (OSError, AttributeError) as error:  # unloadable, or built from other sources
+        return None, f"at {path} could not be loaded ({error}): reinstall"
+    return library, ""
+
+
+_warned = False
+
+
+def _library() -> ctypes.CDLL | None:
+    """The loaded library; None when off or unusable. Unusable (not built, stale, broken) warns once, in
+    one line, and the caller runs the reference; turned off by the variable, it is silent."""
+    global _warned
+    library, reason = _loaded()
+    if library is None and not _warned and os.environ.get(DISABLE_VARIABLE, "1") != "0":
+        _warned = True  # before warning: under -W error the warning raises, and later steps must still run
         warnings.warn(
-            f"galore_kernels: the native CPU library {unavailable_reason()}; CPU steps run the slower PyTorch "
-            f"reference ({DISABLE_VARIABLE}=0 silences this)",
+            f"galore_kernels: the native CPU library {reason}; CPU steps run the slower PyTorch reference "
+            f"({DISABLE_VARIABLE}=0 silences this)",
             RuntimeWarning,
             stacklevel=user_stacklevel(),
         )
-        return None
-    library = ctypes.CDLL(str(path))
-    library.gk_adam8bit_step.restype = None
-    library.gk_adam8bit_step.argtypes = [_P] * 11 + [_I] * 3 + [_F] * 6 + [_P, _P, _F, _F]
-    library.gk_code_table.restype = None
-    library.gk_code_table.argtypes = [_P, _P]
-    library.gk_allow_avx2.restype = None
-    library.gk_allow_avx2.argtypes = [ctypes.c_int]
-    library.gk_uses_avx2.restype = ctypes.c_int
-    library.gk_gaussian.restype = None
-    library.gk_gaussian.argtypes = [ctypes.c_uint64, _I, _I, _P]
     return library
 
 
 def unavailable_reason() -> str:
     """Why :func:`native_available` is False, as a clause ("was not built ..."); empty when it is True."""
-    if os.environ.get(DISABLE_VARIABLE, "1") == "0":
-        return f"is turned off by {DISABLE_VARIABLE}=0"
-    if _library_path() is None:
-        return "was not built at install (reinstall with a C++ compiler with OpenMP, such as g++)"
-    return ""
+    return _loaded()[1]
 
 
 def native_available() -> bool:
@@ -101,24 +119,36 @@ def _tables(signed: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(map, midpoints, code table) of one dynamic map, on the CPU, built once per process."""
     library = _library()
     # The library reads mid[255] (+inf: nothing lies above it) and gathers the table as int32.
-    code, mid = dynamic_map(signed), torch.cat([code_midpoints(signed), torch.tensor([float("inf")])])
+    mid = torch.cat([code_midpoints(signed), torch.tensor([float("inf")], dtype=torch.float32)])
+    code = dynamic_map(signed)
     table = torch.empty(1 << 16, dtype=torch.int32)
     library.gk_code_table(mid.data_ptr(), table.data_ptr())
     return code, mid, table
 
 
+_STATE_DTYPES = {
+    "exp_avg": torch.uint8, "exp_avg_sq": torch.uint8, "exp_avg_absmax": torch.float32,
+    "exp_avg_sq_absmax": torch.float32,
+}
+
+
 def _runs_natively(grad: torch.Tensor, state: dict[str, Any]) -> bool:
+    """Whether the library can take this step: an fp32 CPU gradient and 8-bit state in the exact layout
+    it reads and writes (anything else would be read as another type or out of bounds)."""
+    if "exp_avg_absmax" not in state or grad.device.type != "cpu" or grad.dtype != torch.float32:
+        return False
     codes = state["exp_avg"]
-    return (
-        grad.device.type == "cpu"
-        and grad.dtype == torch.float32
-        and "exp_avg_absmax" in state
-        and codes.dim() == 2
-        and codes.shape[1] > 0
-        and all(state[name].is_contiguous() for name in ("exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax"))
-        and tuple(state["exp_avg_absmax"].shape) == (codes.shape[0], -(-codes.shape[1] // BLOCK_SIZE))
-        and native_available()
-    )
+    if codes.dim() != 2 or codes.shape[1] == 0 or grad.numel() != codes.numel():
+        return False
+    shapes = {"exp_avg": codes.shape, "exp_avg_sq": codes.shape}
+    shapes["exp_avg_absmax"] = shapes["exp_avg_sq_absmax"] = (codes.shape[0], -(-codes.shape[1] // BLOCK_SIZE))
+    for name, dtype in _STATE_DTYPES.items():
+        tensor = state[name]
+        if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shapes[name]) or tensor.device.type != "cpu":
+            return False
+        if not tensor.is_contiguous():
+            return False
+    return native_available()
 
 
 def adam8bit_step_(
@@ -141,7 +171,7 @@ def adam8bit_step_(
     direction = None if weight is not None else torch.empty(rows, k, dtype=torch.float32)
     signed_map, signed_mid, signed_table = _tables(True)
     unsigned_map, unsigned_mid, unsigned_table = _tables(False)
-    _library().gk_adam8bit_step(
+    status = _library().gk_adam8bit_step(
         g.data_ptr(), state["exp_avg"].data_ptr(), state["exp_avg_absmax"].data_ptr(), state["exp_avg_sq"].data_ptr(),
         state["exp_avg_sq_absmax"].data_ptr(), signed_map.data_ptr(), signed_mid.data_ptr(), signed_table.data_ptr(),
         unsigned_map.data_ptr(), unsigned_mid.data_ptr(), unsigned_table.data_ptr(), rows, k, BLOCK_SIZE,
@@ -149,7 +179,12 @@ def adam8bit_step_(
         None if direction is None else direction.data_ptr(), None if weight is None else weight.data_ptr(),
         hyper.decay, -step_size,
     )
-    return weight if weight is not None else direction
+    if status != 0:
+        raise RuntimeError(f"the native 8-bit step refused its arguments (status {status}); this is a bug")
+    if weight is not None:
+        torch.autograd.graph.increment_version(weight)  # written through its pointer: tell autograd
+        return weight
+    return direction
 
 
 def adam_direction(s: torch.Tensor, state: dict[str, Any], hyper: AdamHyper, scale: float = 1.0) -> torch.Tensor:
@@ -161,10 +196,10 @@ def adam_direction(s: torch.Tensor, state: dict[str, Any], hyper: AdamHyper, sca
 
 def adamw(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict[str, Any]], hyper: AdamHyper) -> None:
     """:func:`galore_kernels.reference.adamw`, with the library's fused pass (moments and weight together)
-    for contiguous fp32 parameters with 8-bit state; everything else takes the reference."""
+    for contiguous fp32 CPU parameters with 8-bit state; everything else takes the reference."""
     for param, grad, state in zip(params, grads, states):
         t = state["step"]
-        if param.dtype == torch.float32 and param.is_contiguous():
+        if "exp_avg_absmax" in state and param.dtype == torch.float32 and param.is_contiguous() and param.device.type == "cpu":
             s = grad.to(torch.float32).reshape(state["exp_avg"].shape)
             if adam8bit_step_(s, state, hyper, weight=param.view(s.shape), step_size=hyper.step_size(t)) is not None:
                 state["step"] = t + 1

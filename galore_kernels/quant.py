@@ -15,6 +15,10 @@ import torch
 __all__ = ["dynamic_map", "code_midpoints", "quantize_blockwise", "dequantize_blockwise", "BLOCK_SIZE"]
 
 BLOCK_SIZE = 256
+# Blocks whose absmax is below SUBNORMAL_ABSMAX are scaled by PRESCALE before the reciprocal (see
+# quantize_blockwise); the native library and the Triton codebook use the same two numbers.
+SUBNORMAL_ABSMAX = 2.0**-100
+PRESCALE = 2.0**64
 _MAX_EXPONENT_BITS = 7
 _NON_SIGN_BITS = 7
 
@@ -95,9 +99,14 @@ def quantize_blockwise(
     rows, k = x.shape
     blocks = _blocked(x.float(), block_size)
     absmax = blocks.abs().amax(dim=-1)
-    # An all-zero block scales by 1 instead of 1/0: its values are zero either way.
-    inv_scale = torch.where(absmax > 0, 1.0 / absmax, torch.ones_like(absmax))
-    normalized = (blocks * inv_scale.unsqueeze(-1)).reshape(rows, -1)
+    # A block with absmax < 2^-100 is first scaled by 2^64 (exact: a power of two): 1/absmax would
+    # overflow below about 2.9e-39, which a first moment reaches after ~740 steps of β1 decay without
+    # gradient, and 0·inf is NaN (coded 255, +1.0). An all-zero block scales by 1 instead of 1/0: its
+    # values are zero either way. Other blocks are untouched: bitsandbytes' codes stay byte-identical.
+    pre = torch.where(absmax < SUBNORMAL_ABSMAX, PRESCALE, 1.0).unsqueeze(-1)
+    scaled_absmax = absmax.unsqueeze(-1) * pre
+    inv_scale = torch.where(scaled_absmax > 0, 1.0 / scaled_absmax, torch.ones_like(scaled_absmax))
+    normalized = ((blocks * pre) * inv_scale).reshape(rows, -1)
     if normalized.shape[1] != k:
         normalized = normalized[:, :k].contiguous()
     # bucketize(right=False) counts midpoints strictly below the value: the nearest entry, ties low.

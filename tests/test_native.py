@@ -5,6 +5,7 @@ torch's CPU sqrt is not), over single steps on odd shapes and over whole optimiz
 from __future__ import annotations
 
 import copy
+import importlib.machinery
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ import torch
 from galore_kernels import GaLoreAdamW8bit, native, native_available, reference, rng
 from galore_kernels.config import AdamHyper
 from galore_kernels.native import adam8bit_step_, unavailable_reason
+from galore_kernels import quant
 from galore_kernels.quant import quantize_blockwise
 from tolerances import NATIVE_RANDOMIZED_WEIGHTS, rel_err
 
@@ -193,22 +195,106 @@ def test_the_optimizer_tests_pass_with_the_library_off():
     assert result.returncode == 0, result.stdout[-4000:]
 
 
-def test_a_missing_library_warns_once_and_the_reference_runs(tmp_path):
-    # The package as an install without a compiler leaves it: everything but the library.
+def _run_package_copy(tmp_path, library: bytes | None, code: str, *options: str) -> subprocess.CompletedProcess:
+    """Run ``code`` against a copy of the package whose library is missing (None) or replaced by ``library``."""
     package = Path(native.__file__).parent
     shutil.copytree(package, tmp_path / "galore_kernels", ignore=shutil.ignore_patterns("_native*", "__pycache__"))
-    code = (
-        "import torch; from galore_kernels import GaLoreAdamW8bit, native_available\n"
-        "param = torch.nn.Parameter(torch.ones(64, 64)); optimizer = GaLoreAdamW8bit([param], lr=1e-2)\n"
-        "for _ in range(2):\n"
-        "    param.grad = torch.ones(64, 64); optimizer.step()\n"
-        "print(native_available(), optimizer.state[param]['step'])"
-    )
+    if library is not None:
+        name = "_native" + importlib.machinery.EXTENSION_SUFFIXES[0]
+        (tmp_path / "galore_kernels" / name).write_bytes(library)
     env = {key: value for key, value in os.environ.items() if key != "GALORE_KERNELS_NATIVE"}
-    result = subprocess.run(
-        [sys.executable, "-W", "default", "-c", code], env={**env, "PYTHONPATH": str(tmp_path)}, cwd=tmp_path,
+    return subprocess.run(
+        [sys.executable, *options, "-c", code], env={**env, "PYTHONPATH": str(tmp_path)}, cwd=tmp_path,
         capture_output=True, text=True,
     )
+
+
+TWO_STEPS = (
+    "import torch; from galore_kernels import GaLoreAdamW8bit, native_available\n"
+    "param = torch.nn.Parameter(torch.ones(64, 64)); optimizer = GaLoreAdamW8bit([param], lr=1e-2)\n"
+    "for _ in range(2):\n"
+    "    param.grad = torch.ones(64, 64)\n"
+    "    try:\n"
+    "        optimizer.step()\n"
+    "    except RuntimeWarning as warning:\n"
+    "        print('raised')\n"
+    "print(native_available(), optimizer.state[param]['step'])"
+)
+
+
+@pytest.mark.parametrize("library", [None, b"not a shared library"], ids=["missing", "unloadable"])
+def test_a_missing_or_broken_library_warns_once_and_the_reference_runs(tmp_path, library):
+    result = _run_package_copy(tmp_path, library, TWO_STEPS, "-W", "default")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["False", "2"]  # the reference stepped
-    assert result.stderr.count("the native CPU library was not built at install") == 1
+    assert result.stdout.split() == ["False", "2"]  # the reference stepped twice
+    reason = "was not built at install" if library is None else "could not be loaded"
+    assert result.stderr.count(reason) == 1
+
+
+def test_warnings_as_errors_raise_once_then_the_reference_runs(tmp_path):
+    result = _run_package_copy(tmp_path, None, TWO_STEPS, "-W", "error::RuntimeWarning")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["raised", "False", "1"]
+
+
+@needs_native
+def test_state_the_library_cannot_read_takes_the_reference():
+    gen = torch.Generator().manual_seed(3)
+    for key, bad in (("exp_avg_absmax", torch.bfloat16), ("exp_avg_sq", torch.int8)):
+        state = _state(4, 300, gen)
+        state[key] = state[key].to(bad)
+        assert adam8bit_step_(torch.randn(4, 300, generator=gen), state, HYPER) is None
+    state = _state(4, 300, gen)
+    state["exp_avg_sq_absmax"] = state["exp_avg_sq_absmax"][:, :1].contiguous()  # the wrong block count
+    assert adam8bit_step_(torch.randn(4, 300, generator=gen), state, HYPER) is None
+
+
+@needs_native
+def test_tiny_moments_quantize_like_the_reference(block):
+    # First moments decayed below 2^-100 (where 1/absmax overflows near 2.9e-39), and an all-zero row.
+    m0 = torch.zeros(3, 300)
+    m0[0] = torch.linspace(-1, 1, 300) * 1e-39
+    m0[1] = torch.linspace(-1, 1, 300) * 1e-31
+    expected = {"step": 3}
+    expected["exp_avg"], expected["exp_avg_absmax"] = quantize_blockwise(m0, signed=True)
+    expected["exp_avg_sq"], expected["exp_avg_sq_absmax"] = quantize_blockwise(m0.abs() * 1e-3, signed=False)
+    state = copy.deepcopy(expected)
+    for _ in range(3):
+        zero = torch.zeros(3, 300)
+        reference.adam_direction(zero, expected, HYPER)
+        adam8bit_step_(zero, state, HYPER)
+        for key in STATE_KEYS:
+            assert torch.equal(state[key], expected[key]), key
+    # The moments still hold β1³·m0 to 8-bit precision; 1/absmax overflowing once coded them 0 or 255 (±1).
+    values = quant.dequantize_blockwise(state["exp_avg"], state["exp_avg_absmax"], signed=True)
+    expected_values = 0.9**3 * m0
+    assert ((values - expected_values).abs() <= 0.05 * expected_values.abs().amax(dim=1, keepdim=True)).all()
+
+
+@needs_native
+def test_the_default_dtype_does_not_reach_the_library():
+    code = (
+        "import torch; torch.set_default_dtype(torch.float64)\n"
+        "from galore_kernels import native, reference; from galore_kernels.config import AdamHyper\n"
+        "from galore_kernels.quant import quantize_blockwise\n"
+        "state = {}; x = torch.randn(4, 300, dtype=torch.float32)\n"
+        "state['exp_avg'], state['exp_avg_absmax'] = quantize_blockwise(x * 1e-3, signed=True)\n"
+        "state['exp_avg_sq'], state['exp_avg_sq_absmax'] = quantize_blockwise(x.abs() * 1e-6, signed=False)\n"
+        "import copy; other = copy.deepcopy(state); h = AdamHyper(1e-3, 0.9, 0.999, 1e-8, 0.0)\n"
+        "reference.adam_direction(x, state, h); native.adam8bit_step_(x, other, h)\n"
+        "print(all(torch.equal(state[k], other[k]) for k in state))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True"]
+
+
+@needs_native
+def test_the_fused_weight_update_tells_autograd():
+    param = torch.nn.Parameter(torch.ones(64, 64))
+    optimizer = GaLoreAdamW8bit([param], lr=1e-2, min_8bit_size=64)
+    loss = (param * param).sum()  # saves param for backward
+    param.grad = torch.ones(64, 64)
+    optimizer.step()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

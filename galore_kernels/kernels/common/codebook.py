@@ -47,9 +47,11 @@ def quantize_rows(values, mids_ptr, BLOCK: tl.constexpr, ROWS: tl.constexpr, COL
     absmax = tl.max(tl.abs(blocks), axis=2)
     # IEEE division, as bitsandbytes' CUDA kernel and the reference do: Triton's "/" is div.full.f32,
     # ~2 ulp off, enough to move a value across a midpoint and change its code.
-    safe = tl.where(absmax > 0, absmax, 1.0)
+    # Blocks below 2^-100 are scaled by 2^64 first (exact), where 1/absmax would overflow: quant.py.
+    pre = tl.where(absmax < 7.888609052210118e-31, 1.8446744073709552e19, 1.0)
+    safe = tl.where(absmax > 0, absmax * pre, 1.0)
     inv = tl.math.div_rn(tl.full(safe.shape, 1.0, tl.float32), safe)
-    normalized = tl.reshape(blocks * inv[:, :, None], (ROWS, COLS))
+    normalized = tl.reshape((blocks * pre[:, :, None]) * inv[:, :, None], (ROWS, COLS))
     return nearest_code(normalized, mids_ptr).to(tl.uint8), absmax
 
 
