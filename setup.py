@@ -2,7 +2,7 @@
 
 The library is a plain shared object with a C ABI, loaded by galore_kernels.native through ctypes: it
 needs neither Python's nor torch's headers. A failed build (no C++ compiler, no OpenMP) does not fail
-the install; the package then runs the PyTorch reference and says so once when it is imported.
+the install; the package then runs the PyTorch reference and warns once, at its first CPU step.
 """
 
 import sys
@@ -36,7 +36,10 @@ class OptionalBuildExt(build_ext):
 
     def _skip(self, error: Exception) -> None:
         if not self._reported:  # a failed compile also fails the copy that follows it: one line for both
-            print(f"galore_kernels: native CPU library not built ({error}); the PyTorch reference will run", file=sys.stderr)
+            print(
+                f"galore_kernels: native CPU library not built ({error}); the PyTorch reference will run",
+                file=sys.stderr,
+            )
             self._reported = True
 
 

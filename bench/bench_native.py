@@ -1,8 +1,11 @@
-"""The native CPU library against what it replaces, side by side in one run: its 8-bit step against
-torch's fp32 AdamW, bitsandbytes' CPU AdamW8bit and the reference 8-bit step (median of ``--repeats``
-steps after one warm-up step, the optimizers stepping in turn), and the randomized refresh with its Ω against the reference's Ω and
-``torch.linalg.svd`` (σ_i ∝ i^-0.5, energy = captured / exact top-r energy; ``--big`` adds 4096×11008,
-r = 512, whose exact SVD takes about 35 s here).
+"""The native CPU library against what it replaces, side by side in one run:
+
+- its 8-bit step against torch's fp32 AdamW, bitsandbytes' CPU AdamW8bit and the reference 8-bit step
+  (median of ``--repeats`` steps after one warm-up step, the optimizers stepping in turn);
+- its Gaussians (the sketch's Ω) against the reference's;
+- the randomized refresh with its Ω against the reference's Ω and ``torch.linalg.svd`` (σ_i ∝ i^-0.5,
+  energy = captured / exact top-r energy; ``--big`` adds 4096×11008, r = 512, whose exact SVD takes
+  about 35 s here).
 
     python bench/bench_native.py [--repeats 5] [--big]
 """
@@ -15,7 +18,7 @@ import time
 
 import torch
 
-from galore_kernels import GaLoreAdamW, GaLoreAdamW8bit, native, native_available
+from galore_kernels import GaLoreAdamW, GaLoreAdamW8bit, native, native_available, rng
 from galore_kernels import projector as proj
 from galore_kernels.benchmarks.harness import power_law_gradient
 
@@ -60,7 +63,8 @@ def main() -> None:
         rows["bitsandbytes AdamW8bit (CPU)"] = lambda p: bnb.optim.AdamW8bit(p, lr=1e-3)
     except ImportError:
         pass
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.repeats} interleaved steps, ms")
+    threads = torch.get_num_threads()
+    print(f"torch {torch.__version__}, {threads} threads; median of {args.repeats} interleaved steps, ms")
     print("| step, 4096×4096 fp32 | ms |\n|---|---|")
     for name, ms in _interleaved_ms(rows, square, args.repeats).items():
         print(f"| {name} | {ms:.0f} |", flush=True)
@@ -73,10 +77,28 @@ def main() -> None:
     print("| GaLore step, 4096×11008, r = 256, no refresh | ms |\n|---|---|")
     for name, ms in _interleaved_ms(galore_rows, (4096, 11008), args.repeats).items():
         print(f"| {name} | {ms:.0f} |", flush=True)
-    print("| refresh | exact SVD ms | randomized, reference Ω: ms, × exact, energy | randomized, native Ω: ms, × exact, energy |")
+    count = 5632 * 136  # Ω of 2048×5632 at r = 128 (w = 136)
+    print(f"| Ω, {count:,} numbers | reference (int64 tensor arithmetic) ms | native ms |\n|---|---|---|")
+    draws = (rng.randn_range, native.randn_range)
+    omega = [_call_ms(lambda draw=draw: draw(1, 0, count), args.repeats) for draw in draws]
+    print(f"| sketch of 2048×5632, r = 128 | {omega[0]:.1f} | {omega[1]:.1f} |", flush=True)
+    print(
+        "| refresh | exact SVD ms | randomized, reference Ω: ms, × exact, energy "
+        "| randomized, native Ω: ms, × exact, energy |"
+    )
     print("|---|---|---|---|")
     for m, n, r in [(2048, 5632, 128)] + ([(4096, 11008, 512)] if args.big else []):
         _refresh_row(m, n, r, args.repeats)
+
+
+def _call_ms(call, repeats: int) -> float:
+    """Median milliseconds of ``repeats`` calls."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
 
 
 def _refresh_row(m: int, n: int, r: int, repeats: int) -> None:
@@ -88,12 +110,8 @@ def _refresh_row(m: int, n: int, r: int, repeats: int) -> None:
     top = float((singular_values[:r] ** 2).sum())
     cells = []
     for sketch in (proj.gaussian_sketch, native.gaussian_sketch):
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            b = proj.compute_projector(g, r, side, seed=1, sketch=sketch)
-            times.append(time.perf_counter() - start)
-        ms = 1e3 * statistics.median(times)
+        ms = _call_ms(lambda sketch=sketch: proj.compute_projector(g, r, side, seed=1, sketch=sketch), repeats)
+        b = proj.compute_projector(g, r, side, seed=1, sketch=sketch)
         energy = float(((b @ proj.oriented(g, side)) ** 2).sum()) / top
         cells.append(f"{ms:.0f}, {exact_ms / ms:.1f}×, {energy:.4f}")
     print(f"| {m}×{n}, r = {r} | {exact_ms:.0f} | {cells[0]} | {cells[1]} |", flush=True)

@@ -106,13 +106,16 @@ class _CpuSteps(NamedTuple):
 
     adamw: Callable[..., None]
     adam_direction: reference.AdamDirection
-    sketch: proj.Sketch
-    source: rng.GaussianSource  # the sketch's Ω, for the paths that draw rows of it (sharded refreshes)
+    source: rng.GaussianSource  # the sketch's Ω, whole (one process) or by rows (sharded refreshes)
+
+    @property
+    def sketch(self) -> proj.Sketch:
+        return proj.sketch_drawing_from(self.source)
 
 
-_REFERENCE = _CpuSteps(reference.adamw, reference.adam_direction, proj.gaussian_sketch, rng.randn_range)
+_REFERENCE = _CpuSteps(reference.adamw, reference.adam_direction, rng.randn_range)
 # The native CPU library's equals; each runs the reference where it cannot run (galore_kernels.native).
-_NATIVE = _CpuSteps(native.adamw, native.adam_direction, native.gaussian_sketch, native.randn_range)
+_NATIVE = _CpuSteps(native.adamw, native.adam_direction, native.randn_range)
 
 
 def _cpu_step(backend: str) -> _CpuSteps:
@@ -199,7 +202,8 @@ def galore_adamw_step_from_projection(
     shape = matrix_shape(param, config.experts)
     side = proj.resolve_side(config.proj_type, shape[-2:])
     if not _runs_kernels(param, side, backend, stacked=len(shape) == 3):
-        reference.galore_adamw_step_from_projection(param, s, state, hyper, config, adam=_cpu_step(backend).adam_direction)
+        adam = _cpu_step(backend).adam_direction
+        reference.galore_adamw_step_from_projection(param, s, state, hyper, config, adam=adam)
         return
     from .kernels.project_adam import adam_direction
 

@@ -7,6 +7,7 @@ m × n) gets a stack of projectors (experts × r × d) from the same batched com
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -25,6 +26,8 @@ __all__ = [
     "compute_full_projectors",
     "canonical_signs",
     "align_projector",
+    "gaussian_sketch",
+    "sketch_drawing_from",
 ]
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
@@ -113,9 +116,11 @@ def align_projector(new: torch.Tensor, previous: torch.Tensor, mode: str) -> tor
     nearly the same subspace can return rows permuted, sign-flipped or rotated, which scrambles them, and
     which rows come back depends on rounding: an MLP trained layer-wise with 4 accumulated micro-batches
     ended 1.4e-5 (relative) from the plain run with 8-bit moments, and 1.1e-7 with "procrustes" (1.0e-7
-    with "signs"; fp32 moments 1.1e-7 either way; tests/test_layerwise.py, 20 steps over 3 refreshes). "procrustes" applies R = U·Vᵀ from the SVD of C = previous·newᵀ (the orthogonal R
-    minimizing ‖R·new − previous‖), "signs" flips each row whose inner product with its predecessor is
-    negative, "none" returns ``new``. A matrix whose previous projector is all zeros (never refreshed) is
+    with "signs"; fp32 moments 1.1e-7 either way; tests/test_layerwise.py, 20 steps over 3 refreshes).
+
+    "procrustes" applies R = U·Vᵀ from the SVD of C = previous·newᵀ (the orthogonal R minimizing
+    ‖R·new − previous‖), "signs" flips each row whose inner product with its predecessor is negative,
+    "none" returns ``new``. A matrix whose previous projector is all zeros (never refreshed) is
     left as it is.
 
     >>> b = torch.linalg.qr(torch.randn(16, 4)).Q.T
@@ -151,6 +156,11 @@ def gaussian_sketch(
     """
     k = g.shape[-1]
     return g.float() @ source(seed, 0, k * width, g.device).reshape(k, width)
+
+
+def sketch_drawing_from(source: rng.GaussianSource) -> Sketch:
+    """:func:`gaussian_sketch` with its Ω drawn by ``source`` (the native library's, say)."""
+    return functools.partial(gaussian_sketch, source=source)
 
 
 def _randomized_basis(

@@ -56,7 +56,7 @@ def _args(output_dir: str, optim: str, device_type: str, fsdp: bool = True):
 
     return TrainingArguments(
         output_dir=output_dir, use_cpu=device_type == "cpu", ddp_backend="gloo" if device_type == "cpu" else "nccl",
-        per_device_train_batch_size=4, max_steps=STEPS, learning_rate=1e-2, optim=optim,
+        ddp_timeout=60, per_device_train_batch_size=4, max_steps=STEPS, learning_rate=1e-2, optim=optim,
         optim_target_modules=["attn", "mlp"], optim_args="rank=8,update_proj_gap=3",
         gradient_accumulation_steps=ACCUMULATION, max_grad_norm=0.0, logging_steps=1, save_steps=CHECKPOINT,
         report_to=[], seed=0, data_seed=0, disable_tqdm=True, save_only_model=False,

@@ -30,7 +30,7 @@ def _train(optim: str, output_dir: str, resume: str | None = None) -> tuple[list
     gen = torch.Generator().manual_seed(0)
     data = [{"input_ids": t, "labels": t} for t in synthetic_tokens(96, 16, 128, gen)]
     args = TrainingArguments(
-        output_dir=output_dir, use_cpu=True, ddp_backend="gloo", per_device_train_batch_size=4,
+        output_dir=output_dir, use_cpu=True, ddp_backend="gloo", ddp_timeout=60, per_device_train_batch_size=4,
         max_steps=STEPS, learning_rate=1e-2, optim=optim, optim_target_modules=["attn", "mlp"],
         gradient_accumulation_steps=RUNS[optim],
         optim_args="rank=8,update_proj_gap=4", logging_steps=1, save_steps=CHECKPOINT, report_to=[], seed=0,

@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -59,7 +58,8 @@ def block(request):
 
 def _state(rows: int, k: int, gen: torch.Generator) -> dict:
     state = {"step": 3}
-    state["exp_avg"], state["exp_avg_absmax"] = quantize_blockwise(torch.randn(rows, k, generator=gen) * 1e-3, signed=True)
+    m0 = torch.randn(rows, k, generator=gen) * 1e-3
+    state["exp_avg"], state["exp_avg_absmax"] = quantize_blockwise(m0, signed=True)
     state["exp_avg_sq"], state["exp_avg_sq_absmax"] = quantize_blockwise(
         torch.rand(rows, k, generator=gen) * 1e-6, signed=False
     )
@@ -115,7 +115,8 @@ def _run(backend: str, dtype: torch.dtype, steps: range, optimizer=None, params=
     if optimizer is None:
         # The exact SVD: the library's Ω differs from the reference's in the last place (tested below), which
         # would move randomized projectors by rounding and the codes with them.
-        groups = [{"params": params[2:]}, {"params": params[:2], "rank": 8, "update_proj_gap": 3, "scale": 0.5, "svd": svd}]
+        galore = {"rank": 8, "update_proj_gap": 3, "scale": 0.5, "svd": svd}
+        groups = [{"params": params[2:]}, {"params": params[:2], **galore}]
         optimizer = GaLoreAdamW8bit(groups, lr=1e-2, backend=backend, min_8bit_size=256)
     for step in steps:
         gen = torch.Generator().manual_seed(100 + step)
@@ -147,7 +148,8 @@ def test_optimizer_runs_with_refreshes_match_the_reference(dtype, block):
 def test_a_checkpoint_saved_with_the_library_resumes_identically_without_it():
     params, opt = _run("native", torch.float32, range(4))
     saved = copy.deepcopy(opt.state_dict())
-    clones, without = _run("torch", torch.float32, range(0), params=[p.detach().clone().requires_grad_() for p in params])
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    clones, without = _run("torch", torch.float32, range(0), params=copies)
     without.load_state_dict(saved)
     # The reference continues from the library's state as the library continues from its own.
     continued = _run("native", torch.float32, range(4, 8), optimizer=opt, params=params)
@@ -160,10 +162,12 @@ def test_native_backend_says_why_when_the_library_is_off():
         "GaLoreAdamW8bit([torch.nn.Parameter(torch.zeros(4))], backend='native')"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], env={**os.environ, "GALORE_KERNELS_NATIVE": "0"}, capture_output=True, text=True
+        [sys.executable, "-c", code], env={**os.environ, "GALORE_KERNELS_NATIVE": "0"}, capture_output=True,
+        text=True,
     )
     assert result.returncode != 0
-    assert "backend='native' needs the native CPU library, which is turned off by GALORE_KERNELS_NATIVE=0" in result.stderr
+    message = "backend='native' needs the native CPU library, which is turned off by GALORE_KERNELS_NATIVE=0"
+    assert message in result.stderr
 
 
 @needs_native

@@ -90,6 +90,7 @@ class LayerwiseHooks:
         self._group_of: dict[torch.Tensor, dict[str, Any]] = {}
         self.windows: dict[torch.Tensor, AccumulationWindow] = {}
         self.reducer: GradientReducer | None = None  # set by galore_kernels.distributed; None: one process
+        self._synced: list[Any] = []  # the groups, then their parameters, that the hooks last followed
 
     def hooked(self) -> list[tuple[dict[str, Any], torch.Tensor]]:
         """(group, parameter) of every hooked parameter, in the optimizer's order."""
@@ -129,8 +130,14 @@ class LayerwiseHooks:
         Hooks point at these group dicts (``load_state_dict`` makes new ones); parameters no longer in any
         group are unhooked and released, and new ones are hooked. Accelerate's FSDP2 ``prepare`` needs this:
         it swaps every parameter in the optimizer's groups for its sharded replacement after the optimizer
-        was built, and hooks left on the originals would keep the whole unsharded model alive.
+        was built, and hooks left on the originals would keep the whole unsharded model alive. ``step()``
+        calls it every step: unchanged groups (the same dicts holding the same parameters) return at once.
         """
+        # Objects, compared by identity: a swapped-in parameter can reuse a released one's id.
+        followed = [*param_groups] + [p for group in param_groups for p in group["params"]]
+        if len(followed) == len(self._synced) and all(a is b for a, b in zip(followed, self._synced)):
+            return 0
+        self._synced = followed
         current = {param for group in param_groups for param in group["params"]}
         gone = [param for param in self._handles if param not in current]
         if any(param in self.windows for param in gone):
@@ -159,6 +166,7 @@ class LayerwiseHooks:
                 del _HOOKED[param]
         self._handles.clear()
         self._group_of.clear()
+        self._synced = []
 
     def refuse_if_open(self, action: str) -> None:
         """Raise when a window is open: its gradients live only here and would be lost."""

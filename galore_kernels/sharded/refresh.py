@@ -25,7 +25,6 @@ process, exact SVD included, at the cost of the full gradient crossing once and 
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -202,10 +201,6 @@ def sketched_projector(
     return proj.canonical_signs(q @ top).mT.contiguous()
 
 
-def _sketch(source: rng.GaussianSource) -> proj.Sketch:
-    return functools.partial(proj.gaussian_sketch, source=source)
-
-
 def gathered_projector(
     g_local: torch.Tensor,
     layout: ShardLayout,
@@ -233,7 +228,7 @@ def gathered_projector(
         g = (whole if layout.matrix_dim == 0 else whole.mT).reshape(m, n)
         b = proj.compute_projector(
             g, config.rank, side, method=config.svd, seed=seed, oversample=config.svd_oversample,
-            power_iters=config.svd_power_iters, sketch=_sketch(source),
+            power_iters=config.svd_power_iters, sketch=proj.sketch_drawing_from(source),
         )
     dist.broadcast(b, src=owner_global, group=layout.group)
     return b
@@ -251,8 +246,9 @@ def refresh_sharded_projector_(
     source: rng.GaussianSource = rng.randn_range,
 ) -> str:
     """:func:`galore_kernels.reference.refresh_projector_` for a sharded gradient (local ``state`` from
-    :func:`galore_kernels.sharded.state.local_view`), Ω drawn by ``source``; returns the method used. Whether G can define a
-    subspace is decided on its global norm, so every process keeps or replaces B alike."""
+    :func:`galore_kernels.sharded.state.local_view`), Ω drawn by ``source``; returns the method used.
+    Whether G can define a subspace is decided on its global norm, so every process keeps or replaces B
+    alike."""
     method = method or choose_refresh(layout, side, config)
     if method not in REFRESH_METHODS:
         raise ValueError(f"method must be one of {REFRESH_METHODS}, got {method!r}")
@@ -268,7 +264,8 @@ def refresh_sharded_projector_(
     if method == "local":
         b = proj.compute_projector(
             g_local.reshape(m, n), config.rank, side, method=config.svd, seed=seed,
-            oversample=config.svd_oversample, power_iters=config.svd_power_iters, sketch=_sketch(source),
+            oversample=config.svd_oversample, power_iters=config.svd_power_iters,
+            sketch=proj.sketch_drawing_from(source),
         )
     elif method == "sketch":
         b = sketched_projector(g_local, layout, side, config, seed=seed, reduce=reduce, source=source)
